@@ -1,0 +1,180 @@
+// Package config defines what a strait proxy runs: its identity, its public
+// listener and its upstreams. A Config comes either from command-line flags
+// (static) or from the proxy's registration in the local Consul agent, which
+// is watched and re-delivered on every change (Watcher).
+//
+// Every duration and address has a useful zero value; the accessor methods
+// apply Consul's documented defaults.
+package config
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"time"
+)
+
+// Defaults, as documented for Consul's built-in proxy.
+const (
+	DefaultHandshakeTimeout    = 10 * time.Second
+	DefaultLocalConnectTimeout = 1 * time.Second
+	DefaultConnectTimeout      = 10 * time.Second
+	DefaultBindAddress         = "0.0.0.0"
+	DefaultUpstreamBindAddress = "127.0.0.1"
+)
+
+// Upstream destination types.
+const (
+	TypeService       = "service"
+	TypePreparedQuery = "prepared_query"
+)
+
+// Config is the whole of what one strait process proxies.
+type Config struct {
+	// ProxyID is the proxy's service ID in the agent (agent mode); empty in
+	// flags mode.
+	ProxyID string
+	// Service is the proxied (destination) service name: the leaf
+	// certificate is issued for it and inbound connections are authorized
+	// against its intentions.
+	Service string
+	// Namespace and Partition of Service; empty means "default".
+	Namespace string
+	Partition string
+
+	// Public is the inbound mTLS listener; nil means no inbound traffic.
+	Public *Public
+	// Upstreams are the loopback listeners for outbound traffic.
+	Upstreams []Upstream
+}
+
+// Public configures the public (inbound) listener.
+type Public struct {
+	// BindAddress and BindPort are where peers connect. Empty address
+	// means DefaultBindAddress.
+	BindAddress string
+	BindPort    int
+	// LocalServiceAddress is the application's host:port.
+	LocalServiceAddress string
+	// HandshakeTimeout bounds the TLS handshake and authorization of one
+	// inbound connection; zero means DefaultHandshakeTimeout.
+	HandshakeTimeout time.Duration
+	// LocalConnectTimeout bounds dialing the application; zero means
+	// DefaultLocalConnectTimeout.
+	LocalConnectTimeout time.Duration
+}
+
+// Addr is the listen address, host:port.
+func (p *Public) Addr() string {
+	host := p.BindAddress
+	if host == "" {
+		host = DefaultBindAddress
+	}
+	return net.JoinHostPort(host, strconv.Itoa(p.BindPort))
+}
+
+// HandshakeTimeoutOrDefault returns HandshakeTimeout or its default.
+func (p *Public) HandshakeTimeoutOrDefault() time.Duration {
+	return orDefault(p.HandshakeTimeout, DefaultHandshakeTimeout)
+}
+
+// LocalConnectTimeoutOrDefault returns LocalConnectTimeout or its default.
+func (p *Public) LocalConnectTimeoutOrDefault() time.Duration {
+	return orDefault(p.LocalConnectTimeout, DefaultLocalConnectTimeout)
+}
+
+// Upstream configures one outbound listener and its destination.
+type Upstream struct {
+	// DestinationType is TypeService (the zero value means this) or
+	// TypePreparedQuery.
+	DestinationType string
+	// DestinationName is the service or prepared query name.
+	DestinationName      string
+	DestinationNamespace string // empty means "default"
+	DestinationPartition string // empty means "default"
+	// Datacenter is the destination datacenter; empty means the agent's.
+	Datacenter string
+
+	// LocalBindAddress and LocalBindPort form the TCP listener, unless
+	// LocalBindSocketPath is set, in which case a unix socket with mode
+	// LocalBindSocketMode (0 means 0600 after umask) is used instead.
+	LocalBindAddress    string
+	LocalBindPort       int
+	LocalBindSocketPath string
+	LocalBindSocketMode os.FileMode
+
+	// ConnectTimeout bounds dialing and handshaking with the destination,
+	// retries included; zero means DefaultConnectTimeout.
+	ConnectTimeout time.Duration
+}
+
+// Type returns DestinationType with its default applied.
+func (u Upstream) Type() string {
+	if u.DestinationType == "" {
+		return TypeService
+	}
+	return u.DestinationType
+}
+
+// Network and Addr return the listen address as net.Listen takes it.
+func (u Upstream) Network() string {
+	if u.LocalBindSocketPath != "" {
+		return "unix"
+	}
+	return "tcp"
+}
+
+// Addr is the listen address: a socket path or host:port.
+func (u Upstream) Addr() string {
+	if u.LocalBindSocketPath != "" {
+		return u.LocalBindSocketPath
+	}
+	host := u.LocalBindAddress
+	if host == "" {
+		host = DefaultUpstreamBindAddress
+	}
+	return net.JoinHostPort(host, strconv.Itoa(u.LocalBindPort))
+}
+
+// ConnectTimeoutOrDefault returns ConnectTimeout or its default.
+func (u Upstream) ConnectTimeoutOrDefault() time.Duration {
+	return orDefault(u.ConnectTimeout, DefaultConnectTimeout)
+}
+
+// String names the upstream for logs and metrics: "db", "pq (prepared_query)",
+// with the datacenter when one is set.
+func (u Upstream) String() string {
+	s := u.DestinationName
+	if u.Type() != TypeService {
+		s += " (" + u.Type() + ")"
+	}
+	if u.Datacenter != "" {
+		s += " in " + u.Datacenter
+	}
+	return s
+}
+
+// Validate checks an upstream for the mistakes the agent accepts but a
+// listener cannot use.
+func (u Upstream) Validate() error {
+	if u.DestinationName == "" {
+		return fmt.Errorf("upstream has no destination name")
+	}
+	switch u.Type() {
+	case TypeService, TypePreparedQuery:
+	default:
+		return fmt.Errorf("upstream %s: unknown destination type %q", u.DestinationName, u.DestinationType)
+	}
+	if u.LocalBindSocketPath == "" && (u.LocalBindPort < 1 || u.LocalBindPort > 65535) {
+		return fmt.Errorf("upstream %s: local bind port %d out of range 1-65535", u.DestinationName, u.LocalBindPort)
+	}
+	return nil
+}
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d <= 0 {
+		return def
+	}
+	return d
+}
