@@ -1,0 +1,176 @@
+package tlsutil
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"strings"
+)
+
+// Authorizer decides whether an authenticated peer may connect. It runs
+// inside the handshake (VerifyConnection), so it must be fast; ctx is the
+// handshake's context and bounds any fallback call it makes. A non-nil error
+// refuses the connection and is what the peer's handshake fails with.
+type Authorizer func(ctx context.Context, peer Identity, serial string) error
+
+// cipherSuites are the TLS 1.2 suites Consul's built-in proxy and Envoy
+// agree on (TLS 1.3 suites are not configurable in Go).
+var cipherSuites = []uint16{
+	tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+	tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+	tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+	tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+}
+
+// Errors from peer verification, for callers that count reasons.
+var (
+	ErrNotReady        = errors.New("certificates not ready")
+	ErrLeafExpired     = errors.New("our leaf certificate has expired")
+	ErrNoPeerCert      = errors.New("peer sent no certificate")
+	ErrUntrustedChain  = errors.New("peer certificate does not chain to the mesh CA")
+	ErrWrongTrustDom   = errors.New("peer is in another trust domain")
+	ErrWrongIdentity   = errors.New("peer identity is not the expected one")
+	ErrNotServiceIdent = errors.New("peer identity is not a service")
+)
+
+// ServerConfig returns the public listener's TLS config. Every handshake
+// gets a config built from the material current at that moment, so a
+// rotated leaf or root set applies to new handshakes at once while existing
+// connections are untouched. Client certificates are required, verified
+// against the roots for ClientAuth, must be in our trust domain, and are
+// then authorized; all of this runs in VerifyConnection, which Go calls on
+// resumed sessions too. No ALPN protocol is offered.
+func (s *Source) ServerConfig(authorize Authorizer) *tls.Config {
+	base := &tls.Config{MinVersion: tls.VersionTLS12}
+	base.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		b := s.cur.Load()
+		if b == nil {
+			return nil, ErrNotReady
+		}
+		ctx := hello.Context()
+		return &tls.Config{
+			MinVersion:   tls.VersionTLS12,
+			CipherSuites: cipherSuites,
+			ClientAuth:   tls.RequireAnyClientCert,
+			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+				return s.presentable(b)
+			},
+			VerifyConnection: func(cs tls.ConnectionState) error {
+				id, serial, err := verifyPeer(b, cs.PeerCertificates, x509.ExtKeyUsageClientAuth)
+				if err != nil {
+					return err
+				}
+				if authorize == nil {
+					return nil
+				}
+				return authorize(ctx, id, serial)
+			},
+		}, nil
+	}
+	return base
+}
+
+type clientKey struct {
+	expected Identity
+	sni      string
+}
+
+// ClientConfig returns the config for dialing a peer that must present
+// exactly the expected identity. Configs are shared per (expected, sni) and
+// carry a session cache, so repeated dials resume sessions; the server check
+// still runs on every handshake, resumed or not.
+func (s *Source) ClientConfig(expected Identity, sni string) *tls.Config {
+	k := clientKey{expected, sni}
+	s.clientMu.Lock()
+	defer s.clientMu.Unlock()
+	if c, ok := s.clientCfgs[k]; ok {
+		return c
+	}
+	c := &tls.Config{
+		MinVersion:         tls.VersionTLS12,
+		CipherSuites:       cipherSuites,
+		ServerName:         sni,
+		InsecureSkipVerify: true, // verification is done in VerifyConnection below
+		ClientSessionCache: tls.NewLRUClientSessionCache(64),
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			b := s.cur.Load()
+			if b == nil {
+				return nil, ErrNotReady
+			}
+			return s.presentable(b)
+		},
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			b := s.cur.Load()
+			if b == nil {
+				return ErrNotReady
+			}
+			id, _, err := verifyPeer(b, cs.PeerCertificates, x509.ExtKeyUsageServerAuth)
+			if err != nil {
+				return err
+			}
+			if !sameIdentity(id, expected) {
+				return fmt.Errorf("%w: got %s, want %s", ErrWrongIdentity, id, expected)
+			}
+			return nil
+		},
+	}
+	if s.clientCfgs == nil {
+		s.clientCfgs = make(map[clientKey]*tls.Config)
+	}
+	s.clientCfgs[k] = c
+	return c
+}
+
+// presentable returns b's leaf unless it has expired: presenting an expired
+// certificate only moves the failure to the peer and hides it from us.
+func (s *Source) presentable(b *Bundle) (*tls.Certificate, error) {
+	if s.now().After(b.NotAfter) {
+		return nil, fmt.Errorf("%w (not after %s)", ErrLeafExpired, b.NotAfter)
+	}
+	return b.Leaf, nil
+}
+
+// verifyPeer checks a peer chain against b's roots for the given usage and
+// returns the peer's service identity and serial.
+func verifyPeer(b *Bundle, certs []*x509.Certificate, usage x509.ExtKeyUsage) (Identity, string, error) {
+	if len(certs) == 0 {
+		return Identity{}, "", ErrNoPeerCert
+	}
+	leaf := certs[0]
+	var inter *x509.CertPool
+	if len(certs) > 1 {
+		inter = x509.NewCertPool()
+		for _, c := range certs[1:] {
+			inter.AddCert(c)
+		}
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: b.Roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{usage}}); err != nil {
+		return Identity{}, "", fmt.Errorf("%w: %w", ErrUntrustedChain, err)
+	}
+	if len(leaf.URIs) == 0 {
+		return Identity{}, "", fmt.Errorf("%w: no URI SAN", ErrNotServiceIdent)
+	}
+	id, err := ParseURI(leaf.URIs[0])
+	if err != nil {
+		return Identity{}, "", err
+	}
+	if id.Kind != KindService {
+		return Identity{}, "", fmt.Errorf("%w: %s", ErrNotServiceIdent, id)
+	}
+	if !strings.EqualFold(id.TrustDomain, b.TrustDomain) {
+		return Identity{}, "", fmt.Errorf("%w: %s, ours is %s", ErrWrongTrustDom, id.TrustDomain, b.TrustDomain)
+	}
+	return id, FormatSerial(leaf.SerialNumber.Bytes()), nil
+}
+
+// sameIdentity compares identities as Consul names them: trust domains and
+// datacenters are case-insensitive DNS names, the rest exact.
+func sameIdentity(a, b Identity) bool {
+	return a.Kind == b.Kind && strings.EqualFold(a.TrustDomain, b.TrustDomain) &&
+		a.Partition == b.Partition && a.Namespace == b.Namespace &&
+		strings.EqualFold(a.Datacenter, b.Datacenter) && a.Service == b.Service
+}
