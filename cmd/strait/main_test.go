@@ -1,0 +1,84 @@
+package main
+
+import (
+	"bytes"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// TestInvalidInput: each mistake is one line on stderr, exit status 2, and
+// nothing started (no agent is reachable at the default address in these
+// cases, and none is needed: validation happens before any client exists).
+func TestInvalidInput(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"unknown flag", []string{"-bogus"}, "flag provided but not defined: -bogus"},
+		{"bad upstream", []string{"-service", "web", "-upstream", "db"}, `upstream "db"`},
+		{"bad upstream type", []string{"-service", "web", "-upstream", "db.nope:80"}, "type must be"},
+		{"port out of range", []string{"-service", "web", "-upstream", "db:70000"}, "out of range"},
+		{"listen without service-addr", []string{"-service", "web", "-listen", "127.0.0.1:0"}, "-listen requires -service-addr"},
+		{"neither mode", []string{"-log-level", "debug"}, "no mode given"},
+		{"both modes", []string{"-sidecar-for", "web", "-service", "web"}, "both modes given"},
+		{"register without listen", []string{"-service", "web", "-register"}, "-register requires -listen"},
+		{"bad log level", []string{"-service", "web", "-log-level", "loud"}, "-log-level"},
+		{"stray argument", []string{"-service", "web", "extra"}, "unexpected argument"},
+		{"bad listen port", []string{"-service", "web", "-service-addr", "127.0.0.1:80", "-listen", "127.0.0.1:99999"}, "-listen"},
+		{"duplicate bind", []string{"-service", "web", "-upstream", "a:9000", "-upstream", "b:9000"}, "two upstreams bind"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			var stdout, stderr bytes.Buffer
+			code := run(tc.args, &stdout, &stderr)
+			if code != 2 {
+				t.Fatalf("exit %d, want 2 (stderr %q)", code, stderr.String())
+			}
+			lines := strings.Split(strings.TrimRight(stderr.String(), "\n"), "\n")
+			if len(lines) != 1 || !strings.Contains(lines[0], tc.want) {
+				t.Fatalf("stderr %q: want one line containing %q", stderr.String(), tc.want)
+			}
+			if stdout.Len() != 0 {
+				t.Fatalf("unexpected stdout %q", stdout.String())
+			}
+		})
+	}
+}
+
+func TestVersion(t *testing.T) {
+	t.Parallel()
+	var stdout, stderr bytes.Buffer
+	if code := run([]string{"version"}, &stdout, &stderr); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	if !strings.HasPrefix(stdout.String(), "strait ") {
+		t.Fatalf("version output %q", stdout.String())
+	}
+}
+
+// TestDependencies keeps the binary's link graph clean: the BUSL-licensed
+// Consul root module (the whole server) belongs in the integration tests
+// only, and test libraries never ship.
+func TestDependencies(t *testing.T) {
+	t.Parallel()
+	out, err := exec.Command("go", "list", "-deps", ".").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go list: %v\n%s", err, out)
+	}
+	deps := strings.Fields(string(out))
+	if len(deps) < 50 {
+		t.Fatalf("suspiciously few dependencies (%d): %v", len(deps), deps)
+	}
+	for _, d := range deps {
+		switch {
+		case d == "testing", strings.HasPrefix(d, "testing/"),
+			strings.HasPrefix(d, "github.com/stretchr/testify"),
+			strings.HasPrefix(d, "google.golang.org/grpc"),
+			d == "github.com/hashicorp/consul" || (strings.HasPrefix(d, "github.com/hashicorp/consul/") && !strings.HasPrefix(d, "github.com/hashicorp/consul/api")):
+			t.Errorf("binary links %s", d)
+		}
+	}
+}

@@ -1,0 +1,199 @@
+package proxy
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// bufSize is one TLS record's worth of plaintext plus headroom: a read from a
+// tls.Conn returns at most one record, and a bigger buffer only wastes memory
+// on the many idle connections a sidecar holds.
+const bufSize = 32 << 10
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+
+// DefaultHalfCloseTimeout is how long a connection may stay idle after one
+// direction has finished before it is reaped.
+const DefaultHalfCloseTimeout = 5 * time.Minute
+
+// Result is what one proxied connection moved.
+type Result struct {
+	// AToB and BToA count bytes written to b and to a.
+	AToB, BToA int64
+	// Err is the first error that ended a direction abnormally (nil when
+	// both sides finished with EOF). It names the direction.
+	Err error
+}
+
+// Pipe copies a->b and b->a until both directions are done and then closes
+// both connections. EOF on one side becomes a half-close (CloseWrite, which
+// for TLS sends close_notify) on the other, and the opposite direction keeps
+// running: a client that shuts its write side still receives the whole
+// reply. Once one direction has finished, the other is reaped if it stays
+// idle for halfCloseIdle (<= 0 means DefaultHalfCloseTimeout). An error in
+// either direction closes both connections at once, so the peer sees a reset
+// as it would without a proxy.
+//
+// Pipe uses the calling goroutine and one more.
+func Pipe(a, b net.Conn, halfCloseIdle time.Duration) Result {
+	if halfCloseIdle <= 0 {
+		halfCloseIdle = DefaultHalfCloseTimeout
+	}
+	var (
+		res     Result
+		done    = make(chan struct{})
+		oneDone = make(chan struct{})
+		once    sync.Once
+		errOnce sync.Once
+	)
+	fail := func(err error) {
+		errOnce.Do(func() { res.Err = err })
+		// Unblock the other direction now rather than at its next deadline.
+		a.Close()
+		b.Close()
+	}
+	// When the first direction ends, the other one's reads get an idle
+	// deadline: set once here (that is all the splice path gets) and
+	// refreshed per read by the buffered path.
+	finished := func(otherSrc net.Conn) {
+		once.Do(func() {
+			close(oneDone)
+			otherSrc.SetReadDeadline(time.Now().Add(halfCloseIdle))
+		})
+	}
+	go func() {
+		defer close(done)
+		n, err := copyHalf(a, b, oneDone, halfCloseIdle) // b -> a
+		res.BToA = n
+		if err != nil {
+			fail(dirErr("upstream->downstream", err))
+		}
+		finished(a)
+	}()
+	n, err := copyHalf(b, a, oneDone, halfCloseIdle) // a -> b
+	res.AToB = n
+	if err != nil {
+		fail(dirErr("downstream->upstream", err))
+	}
+	finished(b)
+	<-done
+	a.Close()
+	b.Close()
+	return res
+}
+
+type dirError struct {
+	dir string
+	err error
+}
+
+func (e *dirError) Error() string { return e.dir + ": " + e.err.Error() }
+func (e *dirError) Unwrap() error { return e.err }
+
+func dirErr(dir string, err error) error { return &dirError{dir, err} }
+
+// copyHalf copies src to dst. On EOF it half-closes dst. Once otherDone is
+// closed, every read gets an idle deadline.
+func copyHalf(dst, src net.Conn, otherDone <-chan struct{}, idle time.Duration) (int64, error) {
+	var (
+		n   int64
+		err error
+	)
+	if spliceable(dst, src) {
+		n, err = dst.(*net.TCPConn).ReadFrom(src)
+	} else {
+		n, err = copyBuffered(dst, src, otherDone, idle)
+	}
+	if err != nil {
+		return n, err
+	}
+	if err := closeWrite(dst); err != nil && !isClosed(err) {
+		return n, err
+	}
+	closeRead(src)
+	return n, nil
+}
+
+func copyBuffered(dst, src net.Conn, otherDone <-chan struct{}, idle time.Duration) (int64, error) {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	var n int64
+	halfOpen := false
+	for {
+		if !halfOpen {
+			select {
+			case <-otherDone:
+				halfOpen = true
+			default:
+			}
+		}
+		if halfOpen {
+			src.SetReadDeadline(time.Now().Add(idle))
+		}
+		nr, rerr := src.Read(buf)
+		if nr > 0 {
+			nw, werr := dst.Write(buf[:nr])
+			n += int64(nw)
+			if werr != nil {
+				return n, werr
+			}
+		}
+		if rerr != nil {
+			if rerr == io.EOF {
+				return n, nil
+			}
+			return n, rerr
+		}
+	}
+}
+
+// spliceable reports whether the kernel can move bytes from src to dst
+// without copying them through user space (TCP or unix to TCP: splice(2)).
+func spliceable(dst, src net.Conn) bool {
+	if _, ok := dst.(*net.TCPConn); !ok {
+		return false
+	}
+	switch src.(type) {
+	case *net.TCPConn, *net.UnixConn:
+		return true
+	}
+	return false
+}
+
+type closeWriter interface{ CloseWrite() error }
+type closeReader interface{ CloseRead() error }
+
+var (
+	_ closeWriter = (*net.TCPConn)(nil)
+	_ closeWriter = (*net.UnixConn)(nil)
+)
+
+func closeWrite(c net.Conn) error {
+	if cw, ok := c.(closeWriter); ok {
+		return cw.CloseWrite()
+	}
+	return c.Close()
+}
+
+// closeRead shuts the read side of plain sockets. For TLS it does nothing:
+// closing the read side of a tls.Conn closes the whole connection, which
+// would kill the opposite, still live direction.
+func closeRead(c net.Conn) {
+	if cr, ok := c.(closeReader); ok {
+		cr.CloseRead()
+	}
+}
+
+// isClosed reports errors that mean "the peer or we already closed": routine
+// at the end of a connection, not worth a warning.
+func isClosed(err error) bool {
+	return errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.EPIPE) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF) ||
+		errors.Is(err, os.ErrDeadlineExceeded)
+}

@@ -1,0 +1,11 @@
+// Package proxy runs strait's listeners: the public listener, which
+// terminates inbound mTLS, authorizes the peer and only then dials the local
+// application, and one loopback listener per upstream, which dials a healthy
+// peer through package upstream. Both hand the two connections to Pipe, the
+// half-close-aware copy loop.
+//
+// Each listener tracks its connections so that Shutdown can stop accepting,
+// let live connections finish within a grace period and close the rest.
+// Configuration changes are applied as a diff: only listeners whose
+// configuration changed are touched.
+package proxy

@@ -1,0 +1,125 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// server runs one accept loop and tracks the connections it handed out, so
+// that it can stop accepting, let them finish, and force the rest closed.
+type server struct {
+	name   string
+	ln     net.Listener
+	handle func(ctx context.Context, c net.Conn)
+	log    hclog.Logger
+
+	ctx    context.Context // cancelled when connections must be abandoned
+	cancel context.CancelFunc
+
+	mu     sync.Mutex
+	conns  map[net.Conn]struct{}
+	closed bool
+	wg     sync.WaitGroup // accept loop + handlers
+}
+
+func newServer(name string, ln net.Listener, log hclog.Logger, handle func(context.Context, net.Conn)) *server {
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &server{name: name, ln: ln, handle: handle, log: log, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]struct{})}
+	s.wg.Add(1)
+	go s.serve()
+	return s
+}
+
+// Addr is the bound address.
+func (s *server) Addr() net.Addr { return s.ln.Addr() }
+
+func (s *server) serve() {
+	defer s.wg.Done()
+	var backoff time.Duration
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// EMFILE and friends: back off as net/http does instead of
+			// spinning, and keep serving.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Error("accept failed", "listener", s.name, "error", err, "retry_in", backoff)
+			select {
+			case <-time.After(backoff):
+				continue
+			case <-s.ctx.Done():
+				return
+			}
+		}
+		backoff = 0
+		if !s.track(c) {
+			c.Close()
+			return
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer s.untrack(c)
+			s.handle(s.ctx, c)
+		}()
+	}
+}
+
+func (s *server) track(c net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.conns[c] = struct{}{}
+	return true
+}
+
+func (s *server) untrack(c net.Conn) {
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+}
+
+// Active returns the number of connections being handled.
+func (s *server) Active() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}
+
+// Shutdown stops accepting, waits for live connections to finish until ctx
+// is done, then closes whatever is left and waits for the handlers to
+// return. It is safe to call more than once.
+func (s *server) Shutdown(ctx context.Context) {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	s.ln.Close()
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		s.cancel()
+		return
+	case <-ctx.Done():
+	}
+	s.cancel()
+	s.mu.Lock()
+	n := len(s.conns)
+	for c := range s.conns {
+		c.Close()
+	}
+	s.mu.Unlock()
+	if n > 0 {
+		s.log.Warn("closed connections still open at the end of the drain", "listener", s.name, "connections", n)
+	}
+	<-done
+}
