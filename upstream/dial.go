@@ -1,0 +1,208 @@
+package upstream
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync/atomic"
+	"time"
+
+	"github.com/straitproxy/strait/tlsutil"
+)
+
+// Ejection of failed endpoints: skipped for ejectBase after a failure,
+// doubling with each consecutive failure, at most ejectMax. Health checks
+// take the usual 10s+ to notice a dead instance; this stops every connection
+// in between from paying for it.
+const (
+	ejectBase = time.Second
+	ejectMax  = 30 * time.Second
+)
+
+// Dial picks an endpoint, dials it and completes the TLS handshake, verifying
+// that the server is the endpoint's service. Dialing and handshaking all
+// attempts share one deadline: ctx's, capped at the upstream's
+// ConnectTimeout. A failed attempt moves on to an endpoint not yet tried in
+// this Dial while there is one, up to MaxAttempts.
+//
+// The caller must call the returned release func once the proxied connection
+// ends, to decrement the endpoint's active count; calling it again is a no-op.
+// On error the conn and release func are nil.
+func (u *Upstream) Dial(ctx context.Context) (*tls.Conn, Endpoint, func(), error) {
+	caller := ctx
+	ctx, cancel := context.WithTimeout(ctx, u.cfg.ConnectTimeoutOrDefault())
+	defer cancel()
+
+	set, err := u.current(ctx)
+	if err != nil {
+		return nil, Endpoint{}, nil, err
+	}
+	td := u.tls.TrustDomain()
+	if td == "" {
+		return nil, Endpoint{}, nil, fmt.Errorf("upstream %s: trust domain not known yet", u.name)
+	}
+
+	tried := make([]bool, len(set.eps))
+	untried := len(set.eps)
+	var errs []error
+	attempt := 0
+	for attempt < u.maxAttempts && ctx.Err() == nil {
+		attempt++
+		i := u.pick(set.eps, tried)
+		e := set.eps[i]
+		// Split what is left of the deadline among the endpoints still to
+		// be tried, so that one that black-holes the dial or stalls the
+		// handshake cannot use up the time of every failover. The last
+		// planned attempt, and any retry of a tried endpoint, get all
+		// that is left.
+		share := max(1, min(u.maxAttempts-attempt+1, untried))
+		if !tried[i] {
+			tried[i] = true
+			untried--
+		}
+
+		e.st.active.Add(1)
+		c, err := u.dialOne(ctx, e.Endpoint, td, share)
+		if err == nil {
+			u.succeeded(e.st)
+			var once atomic.Bool
+			return c, e.Endpoint, func() {
+				if once.CompareAndSwap(false, true) {
+					e.st.active.Add(-1)
+				}
+			}, nil
+		}
+		e.st.active.Add(-1)
+		errs = append(errs, fmt.Errorf("attempt %d to %s: %w", attempt, e.Endpoint, err))
+		if caller.Err() != nil {
+			break // the caller gave up; not the endpoint's fault
+		}
+		u.failed(e, attempt, err)
+	}
+	if attempt < u.maxAttempts || caller.Err() != nil {
+		errs = append(errs, fmt.Errorf("gave up after %d of %d attempts: %w", attempt, u.maxAttempts, context.Cause(ctx)))
+	}
+	return nil, Endpoint{}, nil, fmt.Errorf("upstream %s: dial failed: %w", u.name, errors.Join(errs...))
+}
+
+// current returns the endpoint set for a Dial. Only a prepared query with
+// nothing cached makes it wait for Consul.
+func (u *Upstream) current(ctx context.Context) (*endpointSet, error) {
+	set := u.set.Load()
+	if u.isQuery() {
+		switch {
+		case set == nil:
+			var err error
+			if set, err = u.firstQuery(ctx); err != nil {
+				return nil, err
+			}
+		case time.Since(set.fetched) >= u.queryTTL:
+			select {
+			case u.kick <- struct{}{}:
+			default: // a refresh is already asked for
+			}
+		}
+	}
+	if set == nil {
+		return nil, fmt.Errorf("upstream %s: %w: endpoints not discovered yet", u.name, ErrNoEndpoints)
+	}
+	if len(set.eps) == 0 {
+		return nil, fmt.Errorf("upstream %s: %w", u.name, ErrNoEndpoints)
+	}
+	return set, nil
+}
+
+func (u *Upstream) dialOne(ctx context.Context, e Endpoint, td string, share int) (*tls.Conn, error) {
+	if share > 1 {
+		if dl, ok := ctx.Deadline(); ok {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, time.Until(dl)/time.Duration(share))
+			defer cancel()
+		}
+	}
+	id := tlsutil.ServiceID(td, e.Partition, e.Namespace, e.Datacenter, e.Service)
+	// Prepared query endpoints get their service's SNI too, not QuerySNI:
+	// the peer presents a certificate for its service, sidecar public
+	// listeners ignore SNI, and a gateway on the path routes service SNIs,
+	// while a query SNI only means something to an Envoy cluster built for
+	// that query.
+	sni := tlsutil.ServiceSNI(e.Service, e.Namespace, e.Partition, e.Datacenter, td)
+	cfg := u.tls.ClientConfig(id, sni)
+	if cfg == nil {
+		return nil, errors.New("no client TLS configuration (leaf certificate not loaded?)")
+	}
+	d := tls.Dialer{NetDialer: u.netDialer, Config: cfg}
+	c, err := d.DialContext(ctx, "tcp", e.Addr)
+	if err != nil {
+		return nil, err
+	}
+	return c.(*tls.Conn), nil
+}
+
+// pick chooses among the endpoints not tried yet and not ejected, else among
+// those not tried yet, else among all, by the power of two random choices:
+// of two distinct random candidates, the one with fewer active connections.
+func (u *Upstream) pick(eps []*endpoint, tried []bool) int {
+	now := u.mono()
+	var buf [64]int
+	cand := buf[:0]
+	for i, e := range eps {
+		if !tried[i] && e.st.ejectedUntil.Load() <= now {
+			cand = append(cand, i)
+		}
+	}
+	if len(cand) == 0 {
+		for i := range eps {
+			if !tried[i] {
+				cand = append(cand, i)
+			}
+		}
+	}
+	if len(cand) == 0 {
+		for i := range eps {
+			cand = append(cand, i)
+		}
+	}
+	if len(cand) == 1 {
+		return cand[0]
+	}
+	a := rand.IntN(len(cand))
+	b := rand.IntN(len(cand) - 1)
+	if b >= a {
+		b++
+	}
+	i, j := cand[a], cand[b]
+	if eps[j].st.active.Load() < eps[i].st.active.Load() {
+		return j
+	}
+	return i
+}
+
+func (u *Upstream) succeeded(st *endpointStats) {
+	if st.consecutive.Load() != 0 {
+		st.consecutive.Store(0)
+		st.ejectedUntil.Store(0)
+	}
+}
+
+func (u *Upstream) failed(e *endpoint, attempt int, err error) {
+	st := e.st
+	n := st.consecutive.Add(1)
+	eject := min(ejectBase<<min(n-1, 5), ejectMax)
+	st.ejectedUntil.Store(u.mono() + int64(eject))
+	st.mu.Lock()
+	st.total++
+	st.lastErr = err.Error()
+	st.lastFailure = time.Now()
+	st.mu.Unlock()
+
+	// Loud once per outage of an endpoint, quiet while it stays down.
+	log := u.log.Debug
+	if n == 1 {
+		log = u.log.Warn
+	}
+	log("dial attempt failed", "addr", e.Addr, "service", e.Service, "node", e.Node,
+		"attempt", attempt, "consecutive_failures", n, "skipped_for", eject, "error", err)
+}

@@ -1,0 +1,569 @@
+package upstream
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/big"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/straitproxy/strait/config"
+	"github.com/straitproxy/strait/tlsutil"
+)
+
+const testTD = "11111111-2222-3333-4444-555555555555.consul"
+
+// testCA is a throwaway Consul-like CA issuing SPIFFE leaf certificates.
+type testCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+	pool *x509.CertPool
+	td   string
+}
+
+func newTestCA(t testing.TB) *testCA {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, _ := url.Parse("spiffe://" + testTD)
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "test CA"},
+		URIs:                  []*url.URL{root},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return &testCA{cert: cert, key: key, pool: pool, td: testTD}
+}
+
+// leaf issues a certificate for spiffe://<td>/ns/default/dc/<dc>/svc/<service>.
+func (ca *testCA) leaf(t testing.TB, dc, service string) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := tlsutil.ServiceID(ca.td, "", "", dc, service)
+	uri, err := url.Parse(id.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial, err := rand.Int(rand.Reader, big.NewInt(1<<62))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: service},
+		URIs:         []*url.URL{uri},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
+}
+
+// testTLS implements TLS: it presents a "web" leaf and accepts a server only
+// if its chain verifies against the CA and its URI SAN is exactly expected.
+type testTLS struct {
+	ca   *testCA
+	leaf tls.Certificate
+	td   string
+}
+
+func newTestTLS(t testing.TB, ca *testCA) *testTLS {
+	return &testTLS{ca: ca, leaf: ca.leaf(t, "dc1", "web"), td: ca.td}
+}
+
+func (c *testTLS) TrustDomain() string { return c.td }
+
+func (c *testTLS) ClientConfig(expected tlsutil.Identity, sni string) *tls.Config {
+	want := expected.String()
+	return &tls.Config{
+		Certificates: []tls.Certificate{c.leaf},
+		ServerName:   sni,
+		MinVersion:   tls.VersionTLS12,
+		// Hostname verification does not apply; VerifyConnection checks
+		// the chain and the SPIFFE ID.
+		InsecureSkipVerify: true,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return errors.New("no server certificate")
+			}
+			inter := x509.NewCertPool()
+			for _, c := range cs.PeerCertificates[1:] {
+				inter.AddCert(c)
+			}
+			leaf := cs.PeerCertificates[0]
+			if _, err := leaf.Verify(x509.VerifyOptions{
+				Roots: c.ca.pool, Intermediates: inter,
+				KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+			}); err != nil {
+				return err
+			}
+			if len(leaf.URIs) != 1 || leaf.URIs[0].String() != want {
+				return fmt.Errorf("server identity %v, want %s", leaf.URIs, want)
+			}
+			return nil
+		},
+	}
+}
+
+// tlsServer is a peer's public listener: it handshakes (requiring a client
+// certificate from the CA), writes its service name and closes.
+type tlsServer struct {
+	addr  string
+	port  int
+	mu    sync.Mutex
+	snis  []string
+	conns atomic.Int64 // completed handshakes
+}
+
+func startTLSServer(t testing.TB, ca *testCA, service string) *tlsServer {
+	t.Helper()
+	ln := listen(t)
+	s := &tlsServer{addr: ln.Addr().String(), port: ln.Addr().(*net.TCPAddr).Port}
+	cert := ca.leaf(t, "dc1", service)
+	cfg := &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		ClientCAs:    ca.pool,
+		MinVersion:   tls.VersionTLS12,
+		GetConfigForClient: func(hi *tls.ClientHelloInfo) (*tls.Config, error) {
+			s.mu.Lock()
+			s.snis = append(s.snis, hi.ServerName)
+			s.mu.Unlock()
+			return nil, nil
+		},
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+				tc := tls.Server(c, cfg)
+				if tc.Handshake() != nil {
+					return
+				}
+				s.conns.Add(1)
+				_, _ = tc.Write([]byte(service))
+				_ = tc.Close()
+			}()
+		}
+	}()
+	return s
+}
+
+func (s *tlsServer) sawSNIs() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.snis...)
+}
+
+// startBlackHole accepts TCP connections and never answers on them.
+func startBlackHole(t testing.TB) (addr string, port int) {
+	t.Helper()
+	ln := listen(t)
+	var mu sync.Mutex
+	var held []net.Conn
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range held {
+			c.Close()
+		}
+	})
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
+		}
+	}()
+	return ln.Addr().String(), ln.Addr().(*net.TCPAddr).Port
+}
+
+// closedPort returns a loopback port with nothing listening on it.
+func closedPort(t testing.TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	return port
+}
+
+func listen(t testing.TB) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+// proxyEntry is what /v1/health/connect returns for a sidecar of service on
+// 127.0.0.1:port with the given check status.
+func proxyEntry(node, service string, port int, status string) *api.ServiceEntry {
+	return &api.ServiceEntry{
+		Node: &api.Node{Node: node, Address: "127.0.0.1", Datacenter: "dc1"},
+		Service: &api.AgentService{
+			Kind: api.ServiceKindConnectProxy, ID: service + "-sidecar-proxy-" + node,
+			Service: service + "-sidecar-proxy", Port: port,
+			Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: service},
+		},
+		Checks: api.HealthChecks{{Node: node, CheckID: "c-" + node, Status: status}},
+	}
+}
+
+// fakeAgent serves the two endpoints the package calls, with blocking
+// queries for health and an outage switch.
+type fakeAgent struct {
+	t   testing.TB
+	srv *httptest.Server
+
+	mu      sync.Mutex
+	index   uint64
+	entries []*api.ServiceEntry
+	changed chan struct{} // closed and replaced on every change
+	failing bool
+	pq      *api.PreparedQueryExecuteResponse
+	pqGate  chan struct{} // when set, executes after the first wait on it
+	queries []url.Values  // every request's query, in order
+
+	healthCalls   atomic.Int64
+	failedCalls   atomic.Int64
+	pqCalls       atomic.Int64
+	pqInflight    atomic.Int64
+	pqMaxInflight atomic.Int64
+}
+
+func newFakeAgent(t testing.TB) *fakeAgent {
+	a := &fakeAgent{t: t, index: 10, changed: make(chan struct{})}
+	a.srv = httptest.NewServer(http.HandlerFunc(a.serve))
+	t.Cleanup(a.srv.Close)
+	return a
+}
+
+func (a *fakeAgent) client(t testing.TB) *api.Client {
+	c, err := api.NewClient(&api.Config{Address: a.srv.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func (a *fakeAgent) setEntries(es ...*api.ServiceEntry) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.entries = es
+	a.index++
+	close(a.changed)
+	a.changed = make(chan struct{})
+}
+
+func (a *fakeAgent) setQuery(r *api.PreparedQueryExecuteResponse, gate chan struct{}) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.pq, a.pqGate = r, gate
+}
+
+func (a *fakeAgent) setFailing(f bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.failing = f
+	close(a.changed)
+	a.changed = make(chan struct{})
+}
+
+func (a *fakeAgent) requests() []url.Values {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]url.Values(nil), a.queries...)
+}
+
+func (a *fakeAgent) serve(w http.ResponseWriter, r *http.Request) {
+	a.mu.Lock()
+	a.queries = append(a.queries, r.URL.Query())
+	a.mu.Unlock()
+	switch {
+	case strings.HasPrefix(r.URL.Path, "/v1/health/connect/"):
+		a.serveHealth(w, r)
+	case strings.HasPrefix(r.URL.Path, "/v1/query/") && strings.HasSuffix(r.URL.Path, "/execute"):
+		a.serveQuery(w, r)
+	default:
+		http.NotFound(w, r)
+	}
+}
+
+func (a *fakeAgent) serveHealth(w http.ResponseWriter, r *http.Request) {
+	a.healthCalls.Add(1)
+	q := r.URL.Query()
+	want, _ := strconv.ParseUint(q.Get("index"), 10, 64)
+	// Block like Consul while the client's index is current. The real
+	// agent waits up to 5 minutes; a short wait keeps the test snappy.
+	timeout := time.NewTimer(2 * time.Second)
+	defer timeout.Stop()
+	for {
+		a.mu.Lock()
+		idx, failing, changed := a.index, a.failing, a.changed
+		entries := a.entries
+		a.mu.Unlock()
+		if failing {
+			a.failedCalls.Add(1)
+			http.Error(w, "agent unavailable", http.StatusInternalServerError)
+			return
+		}
+		if want == 0 || want < idx {
+			var out []*api.ServiceEntry
+			for _, e := range entries {
+				if q.Has("passing") && e.Checks.AggregatedStatus() != api.HealthPassing {
+					continue
+				}
+				out = append(out, e)
+			}
+			w.Header().Set("X-Consul-Index", strconv.FormatUint(idx, 10))
+			writeJSON(w, out)
+			return
+		}
+		select {
+		case <-changed:
+		case <-timeout.C:
+			want = 0
+		case <-r.Context().Done():
+			return
+		}
+	}
+}
+
+func (a *fakeAgent) serveQuery(w http.ResponseWriter, r *http.Request) {
+	n := a.pqCalls.Add(1)
+	in := a.pqInflight.Add(1)
+	defer a.pqInflight.Add(-1)
+	for {
+		m := a.pqMaxInflight.Load()
+		if in <= m || a.pqMaxInflight.CompareAndSwap(m, in) {
+			break
+		}
+	}
+	a.mu.Lock()
+	gate := a.pqGate
+	a.mu.Unlock()
+	if gate != nil && n > 1 {
+		select {
+		case <-gate:
+		case <-r.Context().Done():
+			return
+		}
+	}
+	a.mu.Lock()
+	resp, failing := a.pq, a.failing
+	a.mu.Unlock()
+	if failing {
+		http.Error(w, "agent unavailable", http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("X-Consul-Index", "1")
+	writeJSON(w, resp)
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// syncBuffer is a log sink safe to read while the logger writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+type fixture struct {
+	ca    *testCA
+	tls   *testTLS
+	agent *fakeAgent
+	logs  *syncBuffer
+}
+
+func newFixture(t testing.TB) *fixture {
+	ca := newTestCA(t)
+	return &fixture{ca: ca, tls: newTestTLS(t, ca), agent: newFakeAgent(t), logs: new(syncBuffer)}
+}
+
+func (f *fixture) options(t testing.TB) Options {
+	return Options{
+		Client:          f.agent.client(t),
+		TLS:             f.tls,
+		LocalDatacenter: "dc1",
+		Logger:          hclog.New(&hclog.LoggerOptions{Output: f.logs, Level: hclog.Debug}),
+	}
+}
+
+func serviceUpstream(name string) config.Upstream {
+	return config.Upstream{DestinationName: name, LocalBindPort: 9191, ConnectTimeout: 5 * time.Second}
+}
+
+func newUpstream(t testing.TB, cfg config.Upstream, opts Options) *Upstream {
+	t.Helper()
+	u, err := New(cfg, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u
+}
+
+// run starts u.Run and stops it at cleanup, before the fake agent closes.
+func run(t testing.TB, u *Upstream) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		u.Run(ctx)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+}
+
+func waitReady(t testing.TB, u *Upstream) {
+	t.Helper()
+	select {
+	case <-u.Ready():
+	case <-time.After(10 * time.Second):
+		t.Fatal("upstream never became ready")
+	}
+}
+
+// eventually polls cond until it holds or 10s pass.
+func eventually(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		<-tick.C
+	}
+}
+
+func addrs(st []EndpointStatus) []string {
+	var out []string
+	for _, s := range st {
+		out = append(out, s.Addr)
+	}
+	return out
+}
+
+func statusOf(t testing.TB, u *Upstream, addr string) EndpointStatus {
+	t.Helper()
+	for _, s := range u.Endpoints() {
+		if s.Addr == addr {
+			return s
+		}
+	}
+	t.Fatalf("no endpoint %s in %v", addr, addrs(u.Endpoints()))
+	return EndpointStatus{}
+}
+
+// load adds n to the active count of the endpoint at addr, to steer P2C.
+func load(t testing.TB, u *Upstream, addr string, n int64) {
+	t.Helper()
+	for _, e := range u.set.Load().eps {
+		if e.Addr == addr {
+			e.st.active.Add(n)
+			return
+		}
+	}
+	t.Fatalf("no endpoint %s", addr)
+}
+
+// dialOK dials and checks the peer is the service named want.
+func dialOK(t testing.TB, u *Upstream, want string) Endpoint {
+	t.Helper()
+	conn, ep, release, err := u.Dial(context.Background())
+	if err != nil {
+		t.Fatalf("Dial: %v", err)
+	}
+	defer release()
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 64)
+	n, err := conn.Read(buf)
+	if err != nil {
+		t.Fatalf("read from %s: %v", ep.Addr, err)
+	}
+	if got := string(buf[:n]); got != want {
+		t.Fatalf("peer said %q, want %q", got, want)
+	}
+	return ep
+}

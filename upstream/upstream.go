@@ -1,0 +1,279 @@
+package upstream
+
+import (
+	"cmp"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/straitproxy/strait/config"
+	"github.com/straitproxy/strait/tlsutil"
+)
+
+// Defaults for Options.
+const (
+	DefaultQueryTTL    = 10 * time.Second
+	DefaultMaxAttempts = 3
+)
+
+// ErrNoEndpoints is returned, wrapped, by Dial when there is no endpoint to
+// try: none was discovered yet, or none is healthy.
+var ErrNoEndpoints = errors.New("no healthy endpoints")
+
+// TLS is what the dialer needs from the certificate source (implemented by
+// *tlsutil.Source).
+type TLS interface {
+	// ClientConfig returns a tls.Config presenting our leaf and accepting
+	// only a server whose SPIFFE ID equals expected, with ServerName set to
+	// sni. It may be cached and shared, so it is never mutated here.
+	ClientConfig(expected tlsutil.Identity, sni string) *tls.Config
+	TrustDomain() string
+}
+
+// Endpoint is one instance of the destination, as discovered in Consul.
+type Endpoint struct {
+	Addr string // host:port of the peer's public listener
+	Node string
+	// Service is the destination service the peer serves, which its leaf
+	// certificate names: Proxy.DestinationServiceName for connect-proxy
+	// entries, Service.Service for Connect-native ones.
+	Service    string
+	Namespace  string // "default" when Consul does not say
+	Partition  string // "default" when Consul does not say
+	Datacenter string // the node's; else the upstream's or the local one
+}
+
+func (e Endpoint) String() string {
+	if e.Node == "" {
+		return e.Addr + " (" + e.Service + ")"
+	}
+	return e.Addr + " (" + e.Service + " on " + e.Node + ")"
+}
+
+// EndpointStatus is an endpoint with its balancing state, for admin output.
+type EndpointStatus struct {
+	Endpoint
+	// Active counts connections dialed to the endpoint and not yet released,
+	// including dials in progress.
+	Active int64
+	// ConsecutiveFailures counts dial or handshake failures since the last
+	// success; TotalFailures counts them since the endpoint was first seen.
+	ConsecutiveFailures int64
+	TotalFailures       uint64
+	LastError           string
+	LastFailure         time.Time
+	// EjectedUntil is when balancing stops skipping the endpoint; zero when
+	// it is not skipped.
+	EjectedUntil time.Time
+}
+
+// Options are the dependencies and tunables of an Upstream.
+type Options struct {
+	Client *api.Client // required
+	TLS    TLS         // required
+	// LocalDatacenter is the expected datacenter of endpoints when neither
+	// Consul's answer nor the upstream names one.
+	LocalDatacenter string
+	Logger          hclog.Logger // nil means no logging
+	// QueryTTL is how long a prepared query answer is used before it is
+	// refreshed; zero or negative means DefaultQueryTTL.
+	QueryTTL time.Duration
+	// MaxAttempts bounds the endpoints tried by one Dial; zero or negative
+	// means DefaultMaxAttempts.
+	MaxAttempts int
+	// NetDialer dials TCP; nil means a zero net.Dialer.
+	NetDialer *net.Dialer
+}
+
+// Upstream discovers and dials the endpoints of one configured upstream.
+// Run must be running for the endpoint set to be kept current; Dial,
+// Endpoints and Ready are safe for concurrent use.
+type Upstream struct {
+	cfg         config.Upstream
+	name        string // cfg.String(): the upstream in errors and logs
+	client      *api.Client
+	tls         TLS
+	log         hclog.Logger
+	dc          string // fallback datacenter of endpoints
+	queryTTL    time.Duration
+	maxAttempts int
+	netDialer   *net.Dialer
+	// epoch is the origin of the monotonic nanosecond clock that ejection
+	// deadlines are stored in, so that wall-clock steps do not matter.
+	epoch time.Time
+
+	set       atomic.Pointer[endpointSet]
+	ready     chan struct{}
+	readyOnce sync.Once
+
+	// stats outlives endpoint sets, so that replacing the set neither
+	// forgets active connections nor clears failure marks. Guarded by
+	// statsMu, which also serializes the replacement of set.
+	statsMu sync.Mutex
+	stats   map[endpointKey]*endpointStats
+
+	// Prepared queries only. fetchSem holds a token while an execute is in
+	// flight, so there is at most one; kick is how a Dial that found a
+	// stale answer asks Run for a refresh without waiting for it.
+	fetchSem chan struct{}
+	kick     chan struct{}
+}
+
+// New validates u and returns an Upstream for it. Nothing is fetched until
+// Run (or, for a prepared query, the first Dial).
+func New(u config.Upstream, opts Options) (*Upstream, error) {
+	if err := u.Validate(); err != nil {
+		return nil, err
+	}
+	if opts.Client == nil {
+		return nil, fmt.Errorf("upstream %s: no Consul client", u)
+	}
+	if opts.TLS == nil {
+		return nil, fmt.Errorf("upstream %s: no TLS source", u)
+	}
+	up := &Upstream{
+		cfg:         u,
+		name:        u.String(),
+		client:      opts.Client,
+		tls:         opts.TLS,
+		log:         opts.Logger,
+		dc:          cmp.Or(u.Datacenter, opts.LocalDatacenter),
+		queryTTL:    opts.QueryTTL,
+		maxAttempts: opts.MaxAttempts,
+		netDialer:   opts.NetDialer,
+		epoch:       time.Now(),
+		ready:       make(chan struct{}),
+		stats:       make(map[endpointKey]*endpointStats),
+		fetchSem:    make(chan struct{}, 1),
+		kick:        make(chan struct{}, 1),
+	}
+	if up.log == nil {
+		up.log = hclog.NewNullLogger()
+	}
+	up.log = up.log.With("upstream", up.name)
+	if up.queryTTL <= 0 {
+		up.queryTTL = DefaultQueryTTL
+	}
+	if up.maxAttempts <= 0 {
+		up.maxAttempts = DefaultMaxAttempts
+	}
+	if up.netDialer == nil {
+		up.netDialer = &net.Dialer{}
+	}
+	return up, nil
+}
+
+// String names the upstream as config.Upstream.String does.
+func (u *Upstream) String() string { return u.name }
+
+// Ready is closed after the first successful endpoint fetch, even if it
+// found no endpoint.
+func (u *Upstream) Ready() <-chan struct{} { return u.ready }
+
+// Endpoints reports the current endpoint set with its balancing state,
+// sorted by address.
+func (u *Upstream) Endpoints() []EndpointStatus {
+	set := u.set.Load()
+	if set == nil {
+		return nil
+	}
+	now := u.mono()
+	out := make([]EndpointStatus, 0, len(set.eps))
+	for _, ep := range set.eps {
+		st := ep.st
+		s := EndpointStatus{
+			Endpoint:            ep.Endpoint,
+			Active:              st.active.Load(),
+			ConsecutiveFailures: st.consecutive.Load(),
+		}
+		if until := st.ejectedUntil.Load(); until > now {
+			s.EjectedUntil = u.epoch.Add(time.Duration(until))
+		}
+		st.mu.Lock()
+		s.TotalFailures, s.LastError, s.LastFailure = st.total, st.lastErr, st.lastFailure
+		st.mu.Unlock()
+		out = append(out, s)
+	}
+	return out
+}
+
+// endpointSet is one discovery answer. It is never mutated once stored.
+type endpointSet struct {
+	eps     []*endpoint // sorted by address, no duplicate keys
+	fetched time.Time
+}
+
+type endpoint struct {
+	Endpoint
+	st *endpointStats
+}
+
+// endpointKey identifies an endpoint across discovery answers.
+type endpointKey struct{ addr, service string }
+
+func keyOf(e Endpoint) endpointKey { return endpointKey{e.Addr, e.Service} }
+
+type endpointStats struct {
+	active      atomic.Int64
+	consecutive atomic.Int64
+	// ejectedUntil is on the Upstream's monotonic clock (see mono); 0 means
+	// not ejected.
+	ejectedUntil atomic.Int64
+
+	mu          sync.Mutex
+	total       uint64
+	lastErr     string
+	lastFailure time.Time
+}
+
+// mono is nanoseconds since u.epoch on the monotonic clock.
+func (u *Upstream) mono() int64 { return int64(time.Since(u.epoch)) }
+
+// store makes eps the current endpoint set and returns it.
+func (u *Upstream) store(eps []Endpoint) *endpointSet {
+	slices.SortFunc(eps, func(a, b Endpoint) int {
+		return cmp.Or(cmp.Compare(a.Addr, b.Addr), cmp.Compare(a.Service, b.Service))
+	})
+	eps = slices.CompactFunc(eps, func(a, b Endpoint) bool { return keyOf(a) == keyOf(b) })
+
+	u.statsMu.Lock()
+	defer u.statsMu.Unlock()
+	set := &endpointSet{eps: make([]*endpoint, len(eps)), fetched: time.Now()}
+	live := make(map[endpointKey]struct{}, len(eps))
+	for i, e := range eps {
+		k := keyOf(e)
+		st := u.stats[k]
+		if st == nil {
+			st = new(endpointStats)
+			u.stats[k] = st
+		}
+		live[k] = struct{}{}
+		set.eps[i] = &endpoint{Endpoint: e, st: st}
+	}
+	// Forget endpoints that left the set, but only once their connections
+	// are gone: if one comes back meanwhile its count is still right.
+	for k, st := range u.stats {
+		if _, ok := live[k]; !ok && st.active.Load() == 0 {
+			delete(u.stats, k)
+		}
+	}
+	old := u.set.Swap(set)
+
+	if old == nil || !slices.EqualFunc(old.eps, set.eps, func(a, b *endpoint) bool { return a.Endpoint == b.Endpoint }) {
+		if len(eps) == 0 {
+			u.log.Warn("no healthy endpoints")
+		} else {
+			u.log.Info("endpoints updated", "count", len(eps))
+		}
+	}
+	u.readyOnce.Do(func() { close(u.ready) })
+	return set
+}
