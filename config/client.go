@@ -23,10 +23,11 @@ type API struct {
 	Datacenter    string
 }
 
-// Client builds an API client. A token file is read here and sent as a
+// Client builds an API client and returns the config it was built from
+// (for callers that need context-aware raw requests). A token file is read here and sent as a
 // header rather than through api.Config, so that ReloadToken can swap it at
 // runtime (SIGHUP) without rebuilding the client.
-func (a API) Client() (*api.Client, error) {
+func (a API) Client() (*api.Client, *api.Config, error) {
 	cfg := api.DefaultConfig() // reads CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_CACERT, ...
 	if a.Addr != "" {
 		cfg.Address = a.Addr
@@ -55,14 +56,14 @@ func (a API) Client() (*api.Client, error) {
 	}
 	c, err := api.NewClient(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("consul API client: %w", err)
+		return nil, nil, fmt.Errorf("consul API client: %w", err)
 	}
 	if tokenFile != "" {
 		if err := ReloadToken(c, tokenFile); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
-	return c, nil
+	return c, cfg, nil
 }
 
 // ReloadToken reads path and makes its content the client's ACL token.

@@ -26,7 +26,10 @@ import (
 // values.
 type Options struct {
 	Client *api.Client
-	Logger hclog.Logger
+	// AgentConfig is the config Client was built from; with it, default
+	// authorization lookups are bounded by the handshake's context.
+	AgentConfig *api.Config
+	Logger      hclog.Logger
 	// Metrics receives the built-in proxy's metric names; nil discards.
 	Metrics *metrics.Metrics
 	// HalfCloseTimeout is the idle limit of a connection one side of which
@@ -142,7 +145,8 @@ func (p *Proxy) start(c *config.Config) {
 		Namespace: c.Namespace, Partition: c.Partition, Logger: p.log.Named("certs"),
 	})
 	p.az = authz.New(p.opts.Client, authz.Options{
-		Target: c.Service, Namespace: c.Namespace, Partition: c.Partition, Logger: p.log.Named("authz"),
+		Target: c.Service, Namespace: c.Namespace, Partition: c.Partition, Logger: p.log,
+		AgentConfig: p.opts.AgentConfig,
 	})
 	p.bg.Go(func() { p.src.Run(p.ctx) })
 	p.bg.Go(func() { p.az.Run(p.ctx) })
@@ -415,6 +419,19 @@ func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *publicList
 }
 
 func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *upstreamListener) {
+	// Right after start the first endpoint answer may still be on its way;
+	// wait for it within the connect timeout rather than fail.
+	select {
+	case <-ul.up.Ready():
+	default:
+		t := time.NewTimer(ul.cfg.ConnectTimeoutOrDefault())
+		select {
+		case <-ul.up.Ready():
+		case <-t.C:
+		case <-ctx.Done():
+		}
+		t.Stop()
+	}
 	tc, ep, release, err := ul.up.Dial(ctx)
 	if err != nil {
 		p.log.Warn("upstream dial failed", "upstream", ul.cfg.String(), "error", err)

@@ -181,7 +181,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "strait: %v\n", err)
 		return 2
 	}
-	client, err := o.api.Client()
+	client, apiCfg, err := o.api.Client()
 	if err != nil {
 		fmt.Fprintf(stderr, "strait: %v\n", err)
 		return 2
@@ -234,7 +234,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		config.WatchAgent(runCtx, client, id, log.Named("config"), cfgs)
 	}()
 
-	p := proxy.New(proxy.Options{Client: client, Logger: log, HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace})
+	p := proxy.New(proxy.Options{Client: client, AgentConfig: apiCfg, Logger: log, HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace})
 	runErr := make(chan error, 1)
 	go func() { runErr <- p.Run(runCtx, cfgs) }()
 
