@@ -2,8 +2,10 @@ package config
 
 import (
 	"fmt"
+	"net/http"
 	"os"
 	"strings"
+	"sync/atomic"
 
 	"github.com/hashicorp/consul/api"
 )
@@ -23,23 +25,27 @@ type API struct {
 	Datacenter    string
 }
 
-// Client builds an API client and returns the config it was built from
-// (for callers that need context-aware raw requests). A token file is read here and sent as a
-// header rather than through api.Config, so that ReloadToken can swap it at
-// runtime (SIGHUP) without rebuilding the client.
-func (a API) Client() (*api.Client, *api.Config, error) {
-	cfg := api.DefaultConfig() // reads CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_CACERT, ...
+// Agent is a connected API client plus what is needed to swap its ACL token
+// at runtime.
+type Agent struct {
+	Client *api.Client
+	// Config is what Client was built from, for callers that make their
+	// own context-aware requests; its HttpClient carries the token.
+	Config    *api.Config
+	TokenFile string // "" when the token does not come from a file
+	token     *atomic.Pointer[string]
+}
+
+// Connect builds the API client. The token is resolved with Consul's
+// precedence (-token-file, -token, CONSUL_HTTP_TOKEN_FILE,
+// CONSUL_HTTP_TOKEN) and injected by the HTTP transport rather than through
+// api.Config, so that ReloadToken can replace it (SIGHUP) without
+// rebuilding the client.
+func (a API) Connect() (*Agent, error) {
+	cfg := api.DefaultConfig() // reads CONSUL_HTTP_ADDR, CONSUL_CACERT, ...
 	if a.Addr != "" {
 		cfg.Address = a.Addr
 	}
-	if a.Token != "" {
-		cfg.Token = a.Token
-	}
-	tokenFile := cfg.TokenFile
-	if a.TokenFile != "" {
-		tokenFile = a.TokenFile
-	}
-	cfg.TokenFile = ""
 	set := func(dst *string, v string) {
 		if v != "" {
 			*dst = v
@@ -54,39 +60,70 @@ func (a API) Client() (*api.Client, *api.Config, error) {
 	if strings.HasPrefix(cfg.Address, "https://") {
 		cfg.Scheme = "https"
 	}
-	c, err := api.NewClient(cfg)
-	if err != nil {
-		return nil, nil, fmt.Errorf("consul API client: %w", err)
+
+	ag := &Agent{Config: cfg, token: new(atomic.Pointer[string])}
+	envFile, envToken := os.Getenv(api.HTTPTokenFileEnvName), os.Getenv(api.HTTPTokenEnvName)
+	var token string
+	switch {
+	case a.TokenFile != "":
+		ag.TokenFile = a.TokenFile
+	case a.Token != "":
+		token = a.Token
+	case envFile != "":
+		ag.TokenFile = envFile
+	default:
+		token = envToken
 	}
-	if tokenFile != "" {
-		if err := ReloadToken(c, tokenFile); err != nil {
-			return nil, nil, err
+	ag.token.Store(&token)
+	if ag.TokenFile != "" {
+		if err := ag.ReloadToken(); err != nil {
+			return nil, err
 		}
 	}
-	return c, cfg, nil
+
+	hc, err := api.NewHttpClient(cfg.Transport, cfg.TLSConfig)
+	if err != nil {
+		return nil, fmt.Errorf("consul API client: %w", err)
+	}
+	hc.Transport = &tokenTransport{next: hc.Transport, token: ag.token}
+	cfg.HttpClient = hc
+	cfg.Token, cfg.TokenFile = "", ""
+	if ag.Client, err = api.NewClient(cfg); err != nil {
+		return nil, fmt.Errorf("consul API client: %w", err)
+	}
+	return ag, nil
 }
 
-// ReloadToken reads path and makes its content the client's ACL token.
-func ReloadToken(c *api.Client, path string) error {
-	b, err := os.ReadFile(path)
+// ReloadToken re-reads the token file. On error the previous token stays.
+func (a *Agent) ReloadToken() error {
+	if a.TokenFile == "" {
+		return fmt.Errorf("no token file configured")
+	}
+	b, err := os.ReadFile(a.TokenFile)
 	if err != nil {
 		return fmt.Errorf("reading token file: %w", err)
 	}
 	tok := strings.TrimSpace(string(b))
 	if tok == "" {
-		return fmt.Errorf("token file %s is empty", path)
+		return fmt.Errorf("token file %s is empty", a.TokenFile)
 	}
-	h := c.Headers()
-	h.Set("X-Consul-Token", tok)
-	c.SetHeaders(h)
+	a.token.Store(&tok)
 	return nil
 }
 
-// TokenFileInEffect returns the token file in effect for a: the flag, else
-// CONSUL_HTTP_TOKEN_FILE.
-func (a API) TokenFileInEffect() string {
-	if a.TokenFile != "" {
-		return a.TokenFile
+// tokenTransport sets X-Consul-Token on every request, last, so that it
+// wins over anything the api package derived from its environment.
+type tokenTransport struct {
+	next  http.RoundTripper
+	token *atomic.Pointer[string]
+}
+
+func (t *tokenTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	tok := *t.token.Load()
+	if tok == "" || r.Header.Get("X-Consul-Token") == tok {
+		return t.next.RoundTrip(r)
 	}
-	return os.Getenv(api.HTTPTokenFileEnvName)
+	r = r.Clone(r.Context())
+	r.Header.Set("X-Consul-Token", tok)
+	return t.next.RoundTrip(r)
 }

@@ -18,7 +18,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/straitproxy/strait/config"
@@ -181,11 +180,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "strait: %v\n", err)
 		return 2
 	}
-	client, apiCfg, err := o.api.Client()
+	agent, err := o.api.Connect()
 	if err != nil {
 		fmt.Fprintf(stderr, "strait: %v\n", err)
 		return 2
 	}
+	client := agent.Client
 	log := hclog.New(&hclog.LoggerOptions{
 		Name: "strait", Level: hclog.LevelFromString(o.logLevel), JSONFormat: o.logJSON, Output: stderr,
 	})
@@ -234,7 +234,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		config.WatchAgent(runCtx, client, id, log.Named("config"), cfgs)
 	}()
 
-	p := proxy.New(proxy.Options{Client: client, AgentConfig: apiCfg, Logger: log, HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace})
+	p := proxy.New(proxy.Options{Client: client, AgentConfig: agent.Config, Logger: log, HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace})
 	runErr := make(chan error, 1)
 	go func() { runErr <- p.Run(runCtx, cfgs) }()
 
@@ -249,7 +249,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			runErr = nil
 		case s := <-sigs:
 			if s == syscall.SIGHUP {
-				reloadToken(o, client, log)
+				reloadToken(agent, log)
 				continue
 			}
 			log.Info("signal received; draining", "signal", s.String(), "grace", o.shutdownGrace)
@@ -280,17 +280,16 @@ func shutdown(p *proxy.Proxy, log hclog.Logger, grace time.Duration) {
 
 // reloadToken re-reads the token file on SIGHUP. A failure keeps the old
 // token: SIGHUP never stops the proxy.
-func reloadToken(o *options, c *api.Client, log hclog.Logger) {
-	path := o.api.TokenFileInEffect()
-	if path == "" {
+func reloadToken(agent *config.Agent, log hclog.Logger) {
+	if agent.TokenFile == "" {
 		log.Info("SIGHUP: no token file configured; nothing to reload")
 		return
 	}
-	if err := config.ReloadToken(c, path); err != nil {
+	if err := agent.ReloadToken(); err != nil {
 		log.Error("SIGHUP: keeping the previous token", "error", err)
 		return
 	}
-	log.Info("SIGHUP: token reloaded", "file", path)
+	log.Info("SIGHUP: token reloaded", "file", agent.TokenFile)
 }
 
 func sleep(ctx context.Context, d time.Duration) bool {
