@@ -23,8 +23,8 @@ test-unit: ## vet + unit tests with the race detector (fuzz seeds included)
 	# allocation checks cannot run under -race (AllocsPerRun is skewed), so once more without it
 	$(GO) test -count=1 -run 'Alloc' ./...
 
-test-integration: consul ## end-to-end tests: real consul agent -dev, real consul connect proxy peers
-	cd integration && $(GO) vet ./... && $(GO) test -count=1 -timeout 30m ./...
+test-integration: consul ## end-to-end tests (race-built strait): real consul agent -dev, real consul connect proxy peers, Connect-native SDK peers
+	cd integration && $(GO) vet ./... && STRAIT_RACE=1 $(GO) test -race -count=1 -parallel 4 -timeout 20m ./...
 
 fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	$(GO) test ./tlsutil -run '^$$' -fuzz FuzzParseID -fuzztime $${FUZZTIME:-30s}

@@ -80,9 +80,12 @@ type clientKey struct {
 }
 
 // ClientConfig returns the config for dialing a peer that must present
-// exactly the expected identity. Configs are shared per (expected, sni) and
-// carry a session cache, so repeated dials resume sessions; the server check
-// still runs on every handshake, resumed or not.
+// exactly the expected identity. Configs are shared per (expected, sni).
+//
+// Session resumption is off on purpose: Consul's built-in proxy and
+// Connect-native servers authorize in VerifyPeerCertificate, which Go skips
+// on resumed sessions, so a resuming client would walk past a deny
+// intention at those servers. Our own server check runs on every handshake.
 func (s *Source) ClientConfig(expected Identity, sni string) *tls.Config {
 	k := clientKey{expected, sni}
 	s.clientMu.Lock()
@@ -95,7 +98,6 @@ func (s *Source) ClientConfig(expected Identity, sni string) *tls.Config {
 		CipherSuites:       cipherSuites,
 		ServerName:         sni,
 		InsecureSkipVerify: true, // verification is done in VerifyConnection below
-		ClientSessionCache: tls.NewLRUClientSessionCache(64),
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 			b := s.cur.Load()
 			if b == nil {

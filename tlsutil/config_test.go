@@ -430,10 +430,10 @@ func TestServerResumptionReauthorizes(t *testing.T) {
 		t.Run(tv.name, func(t *testing.T) {
 			t.Parallel()
 			m := newMesh(t)
-			cfg := m.client(tv.v)
-			if cfg.ClientSessionCache == nil {
-				t.Fatal("ClientConfig has no session cache")
-			}
+			// A resuming client, as Envoy is by default (strait's own
+			// upstreams do not resume; see TestClientConfigDoesNotResume).
+			cfg := m.client(tv.v).Clone()
+			cfg.ClientSessionCache = tls.NewLRUClientSessionCache(8)
 
 			first := mustConnect(t, m.srv.addr, cfg)
 			if r := m.srv.next(t); r.err != nil {
@@ -771,5 +771,27 @@ func TestRotationRootRemovedRefusesOldClients(t *testing.T) {
 	mustBeRefused(t, m.srv.addr, foreignClient(tls.VersionTLS13, &m.webLeaf.cert))
 	if r := m.srv.next(t); !errors.Is(r.err, ErrUntrustedChain) {
 		t.Fatalf("server error %v, want ErrUntrustedChain", r.err)
+	}
+}
+
+// TestClientConfigDoesNotResume: strait's upstream dials never resume, so a
+// built-in proxy or Connect-native server (which skip authorization on
+// resumed sessions) sees a full handshake and checks intentions every time.
+func TestClientConfigDoesNotResume(t *testing.T) {
+	t.Parallel()
+	m := newMesh(t)
+	cfg := m.client(tls.VersionTLS13)
+	if cfg.ClientSessionCache != nil {
+		t.Fatal("ClientConfig carries a session cache")
+	}
+	for i := range 2 {
+		c := mustConnect(t, m.srv.addr, cfg)
+		if r := m.srv.next(t); r.err != nil {
+			t.Fatalf("handshake %d: %v", i, r.err)
+		}
+		if c.ConnectionState().DidResume {
+			t.Fatalf("connection %d resumed", i)
+		}
+		c.Close()
 	}
 }
