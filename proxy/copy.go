@@ -10,12 +10,19 @@ import (
 	"time"
 )
 
-// bufSize is one TLS record's worth of plaintext plus headroom: a read from a
-// tls.Conn returns at most one record, and a bigger buffer only wastes memory
-// on the many idle connections a sidecar holds.
-const bufSize = 32 << 10
+// Each direction waits for data with a small buffer and borrows a large one
+// only while data keeps coming in full reads, so an idle connection holds
+// 2 KiB per direction instead of a bulk-sized buffer. bigSize is two TLS
+// records of plaintext (a tls.Conn read returns at most one record).
+const (
+	smallSize = 2 << 10
+	bigSize   = 32 << 10
+)
 
-var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+var (
+	smallPool = sync.Pool{New: func() any { b := make([]byte, smallSize); return &b }}
+	bigPool   = sync.Pool{New: func() any { b := make([]byte, bigSize); return &b }}
+)
 
 // DefaultHalfCloseTimeout is how long a connection may stay idle after one
 // direction has finished before it is reaped.
@@ -120,9 +127,14 @@ func copyHalf(dst, src net.Conn, otherDone <-chan struct{}, idle time.Duration) 
 }
 
 func copyBuffered(dst, src net.Conn, otherDone <-chan struct{}, idle time.Duration) (int64, error) {
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	buf := *bp
+	small := smallPool.Get().(*[]byte)
+	defer smallPool.Put(small)
+	var big *[]byte
+	defer func() {
+		if big != nil {
+			bigPool.Put(big)
+		}
+	}()
 	var n int64
 	halfOpen := false
 	for {
@@ -136,6 +148,10 @@ func copyBuffered(dst, src net.Conn, otherDone <-chan struct{}, idle time.Durati
 		if halfOpen {
 			src.SetReadDeadline(time.Now().Add(idle))
 		}
+		buf := *small
+		if big != nil {
+			buf = *big
+		}
 		nr, rerr := src.Read(buf)
 		if nr > 0 {
 			nw, werr := dst.Write(buf[:nr])
@@ -143,6 +159,13 @@ func copyBuffered(dst, src net.Conn, otherDone <-chan struct{}, idle time.Durati
 			if werr != nil {
 				return n, werr
 			}
+		}
+		switch {
+		case big == nil && nr == smallSize:
+			big = bigPool.Get().(*[]byte) // a burst: read the rest in bulk
+		case big != nil && nr < smallSize:
+			bigPool.Put(big) // the burst is over; wait on the small buffer
+			big = nil
 		}
 		if rerr != nil {
 			if rerr == io.EOF {
