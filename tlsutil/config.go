@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 )
 
@@ -37,6 +38,14 @@ var (
 	ErrNotServiceIdent = errors.New("peer identity is not a service")
 )
 
+// ALPNStrait is the ALPN protocol id by which two strait proxies recognise
+// each other. A strait client offers it; a strait server selects it only when
+// offered and otherwise offers no ALPN at all, so built-in proxies, Envoy
+// and Connect-native peers see exactly what they see today. Selecting it
+// promises that the server authorizes every connection, resumed TLS sessions
+// included, which is what lets strait clients resume sessions with it.
+const ALPNStrait = "strait/1"
+
 // ServerConfig returns the public listener's TLS config. Every handshake
 // gets a config built from the material current at that moment, so a
 // rotated leaf or root set applies to new handshakes at once while existing
@@ -52,7 +61,12 @@ func (s *Source) ServerConfig(authorize Authorizer) *tls.Config {
 			return nil, ErrNotReady
 		}
 		ctx := hello.Context()
+		var protos []string
+		if slices.Contains(hello.SupportedProtos, ALPNStrait) {
+			protos = []string{ALPNStrait}
+		}
 		return &tls.Config{
+			NextProtos:   protos,
 			MinVersion:   tls.VersionTLS12,
 			CipherSuites: cipherSuites,
 			ClientAuth:   tls.RequireAnyClientCert,
@@ -74,20 +88,31 @@ func (s *Source) ServerConfig(authorize Authorizer) *tls.Config {
 	return base
 }
 
+// ClientOptions select how a dial presents itself.
+type ClientOptions struct {
+	// NoALPN offers no ALPN protocol. Go servers that advertise only h2
+	// (Connect-native services by default) refuse a client whose only
+	// offer is ALPNStrait, so such peers are dialed without it.
+	NoALPN bool
+	// ResumeKey, when set, gives the config a session cache of its own
+	// (one per key, normally per endpoint address). Only set it for a peer
+	// that selected ALPNStrait: Consul's built-in proxy and Connect-native
+	// servers authorize in VerifyPeerCertificate, which Go skips on resumed
+	// sessions, so resuming with them would walk past a deny intention.
+	ResumeKey string
+}
+
 type clientKey struct {
 	expected Identity
 	sni      string
+	opts     ClientOptions
 }
 
 // ClientConfig returns the config for dialing a peer that must present
-// exactly the expected identity. Configs are shared per (expected, sni).
-//
-// Session resumption is off on purpose: Consul's built-in proxy and
-// Connect-native servers authorize in VerifyPeerCertificate, which Go skips
-// on resumed sessions, so a resuming client would walk past a deny
-// intention at those servers. Our own server check runs on every handshake.
-func (s *Source) ClientConfig(expected Identity, sni string) *tls.Config {
-	k := clientKey{expected, sni}
+// exactly the expected identity. Configs are shared per (expected, sni,
+// opts). The server check runs on every handshake, resumed or not.
+func (s *Source) ClientConfig(expected Identity, sni string, opts ClientOptions) *tls.Config {
+	k := clientKey{expected, sni, opts}
 	s.clientMu.Lock()
 	defer s.clientMu.Unlock()
 	if c, ok := s.clientCfgs[k]; ok {
@@ -98,6 +123,7 @@ func (s *Source) ClientConfig(expected Identity, sni string) *tls.Config {
 		CipherSuites:       cipherSuites,
 		ServerName:         sni,
 		InsecureSkipVerify: true, // verification is done in VerifyConnection below
+		NextProtos:         []string{ALPNStrait},
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 			b := s.cur.Load()
 			if b == nil {
@@ -119,6 +145,12 @@ func (s *Source) ClientConfig(expected Identity, sni string) *tls.Config {
 			}
 			return nil
 		},
+	}
+	if opts.NoALPN {
+		c.NextProtos = nil
+	}
+	if opts.ResumeKey != "" {
+		c.ClientSessionCache = tls.NewLRUClientSessionCache(4)
 	}
 	if s.clientCfgs == nil {
 		s.clientCfgs = make(map[clientKey]*tls.Config)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -259,7 +260,7 @@ func (m *mesh) nextSNI(t *testing.T) string {
 
 // client returns web's config for dialing db, limited to version v.
 func (m *mesh) client(v uint16) *tls.Config {
-	c := m.web.ClientConfig(m.dbID, m.sni).Clone()
+	c := m.web.ClientConfig(m.dbID, m.sni, ClientOptions{}).Clone()
 	c.MaxVersion = v
 	return c
 }
@@ -290,8 +291,8 @@ func TestServerMutualTLS(t *testing.T) {
 			if cs.Version != tv.v {
 				t.Errorf("negotiated version %x, want %x", cs.Version, tv.v)
 			}
-			if cs.NegotiatedProtocol != "" {
-				t.Errorf("ALPN %q negotiated; the proxy must offer none", cs.NegotiatedProtocol)
+			if cs.NegotiatedProtocol != ALPNStrait {
+				t.Errorf("ALPN %q negotiated between two strait ends, want %q (TestALPNStrait covers other clients)", cs.NegotiatedProtocol, ALPNStrait)
 			}
 			if got := FormatSerial(cs.PeerCertificates[0].SerialNumber.Bytes()); got != m.dbLeaf.serial {
 				t.Errorf("client saw server serial %s, want %s", got, m.dbLeaf.serial)
@@ -552,7 +553,7 @@ func TestClientVerifiesServer(t *testing.T) {
 
 			// Expecting another service: the client refuses db's cert.
 			apiSNI := ServiceSNI("api", "", "", "dc1", testTD)
-			wrong := m.web.ClientConfig(ServiceID(testTD, "", "", "dc1", "api"), apiSNI).Clone()
+			wrong := m.web.ClientConfig(ServiceID(testTD, "", "", "dc1", "api"), apiSNI, ClientOptions{}).Clone()
 			wrong.MaxVersion = tv.v
 			_, err := dialTLS(t, m.srv.addr, wrong)
 			if !errors.Is(err, ErrWrongIdentity) {
@@ -572,7 +573,7 @@ func TestClientVerifiesServer(t *testing.T) {
 				ServiceID(testTD, "", "", "dc2", "db"),
 				ServiceID("99999999-0000-0000-0000-000000000000.consul", "", "", "dc1", "db"),
 			} {
-				cfg := m.web.ClientConfig(exp, "").Clone()
+				cfg := m.web.ClientConfig(exp, "", ClientOptions{}).Clone()
 				cfg.MaxVersion = tv.v
 				if _, err := dialTLS(t, m.srv.addr, cfg); !errors.Is(err, ErrWrongIdentity) {
 					t.Errorf("dial expecting %s: error %v, want ErrWrongIdentity", exp, err)
@@ -584,7 +585,7 @@ func TestClientVerifiesServer(t *testing.T) {
 			}
 
 			// Trust domain and datacenter compare case-insensitively.
-			caseless := m.web.ClientConfig(ServiceID(strings.ToUpper(testTD), "", "", "DC1", "db"), m.sni).Clone()
+			caseless := m.web.ClientConfig(ServiceID(strings.ToUpper(testTD), "", "", "DC1", "db"), m.sni, ClientOptions{}).Clone()
 			caseless.MaxVersion = tv.v
 			mustConnect(t, m.srv.addr, caseless)
 			if r := m.srv.next(t); r.err != nil {
@@ -614,7 +615,7 @@ func TestClientRefusesBadServers(t *testing.T) {
 			t.Parallel()
 			srv := startTLSServer(t, tc.server.ServerConfig(nil))
 			for _, tv := range tlsVersions {
-				cfg := m.web.ClientConfig(m.dbID, m.sni).Clone()
+				cfg := m.web.ClientConfig(m.dbID, m.sni, ClientOptions{}).Clone()
 				cfg.MaxVersion = tv.v
 				_, err := dialTLS(t, srv.addr, cfg)
 				if !errors.Is(err, tc.wantErr) {
@@ -629,20 +630,20 @@ func TestClientRefusesBadServers(t *testing.T) {
 func TestClientConfigCachedPerKey(t *testing.T) {
 	t.Parallel()
 	m := newMesh(t)
-	a := m.web.ClientConfig(m.dbID, m.sni)
-	if b := m.web.ClientConfig(m.dbID, m.sni); a != b {
+	a := m.web.ClientConfig(m.dbID, m.sni, ClientOptions{})
+	if b := m.web.ClientConfig(m.dbID, m.sni, ClientOptions{}); a != b {
 		t.Fatal("same (identity, sni) gave different configs")
 	}
-	if b := m.web.ClientConfig(m.dbID, "other.sni"); a == b {
+	if b := m.web.ClientConfig(m.dbID, "other.sni", ClientOptions{}); a == b {
 		t.Fatal("different SNI shared a config")
 	}
-	if a.ServerName != m.sni || a.MinVersion != tls.VersionTLS12 || len(a.NextProtos) != 0 {
+	if a.ServerName != m.sni || a.MinVersion != tls.VersionTLS12 || !slices.Equal(a.NextProtos, []string{ALPNStrait}) || a.ClientSessionCache != nil {
 		t.Fatalf("config: ServerName %q MinVersion %x NextProtos %v", a.ServerName, a.MinVersion, a.NextProtos)
 	}
 	// New material drops the cache (and the session cache with it).
 	next := m.ca.leaf(t, "web", leafOpts{})
 	setMaterial(m.web, &next.cert, nil)
-	if b := m.web.ClientConfig(m.dbID, m.sni); a == b {
+	if b := m.web.ClientConfig(m.dbID, m.sni, ClientOptions{}); a == b {
 		t.Fatal("config survived a rotation")
 	}
 }
@@ -651,7 +652,7 @@ func TestClientNotReady(t *testing.T) {
 	t.Parallel()
 	m := newMesh(t)
 	s := NewSource(nil, "web", SourceOptions{})
-	if _, err := dialTLS(t, m.srv.addr, s.ClientConfig(m.dbID, m.sni)); !errors.Is(err, ErrNotReady) {
+	if _, err := dialTLS(t, m.srv.addr, s.ClientConfig(m.dbID, m.sni, ClientOptions{})); !errors.Is(err, ErrNotReady) {
 		t.Fatalf("dial from an unready source: %v, want ErrNotReady", err)
 	}
 	m.srv.next(t)
@@ -665,7 +666,7 @@ func TestClientExpiredLeaf(t *testing.T) {
 			m := newMesh(t)
 			s := NewSource(nil, "web", SourceOptions{})
 			storeBundle(s, unverifiedBundle(t, m.ca.leaf(t, "web", expiredOpts()), m.ca))
-			cfg := s.ClientConfig(m.dbID, m.sni).Clone()
+			cfg := s.ClientConfig(m.dbID, m.sni, ClientOptions{}).Clone()
 			cfg.MaxVersion = tv.v
 			_, err := dialTLS(t, m.srv.addr, cfg)
 			if !errors.Is(err, ErrLeafExpired) {
@@ -791,6 +792,61 @@ func TestClientConfigDoesNotResume(t *testing.T) {
 		}
 		if c.ConnectionState().DidResume {
 			t.Fatalf("connection %d resumed", i)
+		}
+		c.Close()
+	}
+}
+
+// TestALPNStrait: a strait client and server agree on ALPNStrait; a server
+// is silent about ALPN to clients that do not offer it (built-in, Envoy), and
+// a client with NoALPN offers nothing.
+func TestALPNStrait(t *testing.T) {
+	t.Parallel()
+	m := newMesh(t)
+	c := mustConnect(t, m.srv.addr, m.web.ClientConfig(m.dbID, m.sni, ClientOptions{}))
+	if r := m.srv.next(t); r.err != nil {
+		t.Fatal(r.err)
+	}
+	if got := c.ConnectionState().NegotiatedProtocol; got != ALPNStrait {
+		t.Fatalf("negotiated %q, want %q", got, ALPNStrait)
+	}
+	c.Close()
+	c = mustConnect(t, m.srv.addr, m.web.ClientConfig(m.dbID, m.sni, ClientOptions{NoALPN: true}))
+	if r := m.srv.next(t); r.err != nil {
+		t.Fatal(r.err)
+	}
+	if got := c.ConnectionState().NegotiatedProtocol; got != "" {
+		t.Fatalf("negotiated %q without offering anything", got)
+	}
+	c.Close()
+	other := m.web.ClientConfig(m.dbID, m.sni, ClientOptions{}).Clone()
+	other.NextProtos = []string{"h2", "http/1.1"}
+	c = mustConnect(t, m.srv.addr, other)
+	if r := m.srv.next(t); r.err != nil {
+		t.Fatal(r.err)
+	}
+	if got := c.ConnectionState().NegotiatedProtocol; got != "" {
+		t.Fatalf("server selected %q for an h2/http1.1 client; it must offer no ALPN", got)
+	}
+	c.Close()
+}
+
+// TestResumeKeyResumes: a config with a ResumeKey resumes sessions with a
+// strait server, which still authorizes the resumed connection.
+func TestResumeKeyResumes(t *testing.T) {
+	t.Parallel()
+	m := newMesh(t)
+	cfg := m.web.ClientConfig(m.dbID, m.sni, ClientOptions{ResumeKey: "ep1"})
+	if cfg.ClientSessionCache == nil {
+		t.Fatal("no session cache with a ResumeKey")
+	}
+	for i := range 3 {
+		c := mustConnect(t, m.srv.addr, cfg)
+		if r := m.srv.next(t); r.err != nil {
+			t.Fatalf("handshake %d: %v", i, r.err)
+		}
+		if i > 0 && !c.ConnectionState().DidResume {
+			t.Fatalf("connection %d did not resume", i)
 		}
 		c.Close()
 	}

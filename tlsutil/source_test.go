@@ -331,7 +331,7 @@ func TestSourceReadyAndServes(t *testing.T) {
 	web := newTestSource(t, "web", ca.leaf(t, "web", leafOpts{}), rootList(testTD, ca))
 	auth := &authRecorder{}
 	srv := startTLSServer(t, s.ServerConfig(auth.authorize))
-	c := mustConnect(t, srv.addr, web.ClientConfig(ServiceID(testTD, "part1", "team", "dc1", "db"), ""))
+	c := mustConnect(t, srv.addr, web.ClientConfig(ServiceID(testTD, "part1", "team", "dc1", "db"), "", ClientOptions{}))
 	if r := srv.next(t); r.err != nil {
 		t.Fatalf("server handshake: %v", r.err)
 	}

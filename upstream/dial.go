@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -64,7 +65,7 @@ func (u *Upstream) Dial(ctx context.Context) (*tls.Conn, Endpoint, func(), error
 		}
 
 		e.st.active.Add(1)
-		c, err := u.dialOne(ctx, e.Endpoint, td, share)
+		c, err := u.dialOne(ctx, e, td, share)
 		if err == nil {
 			u.succeeded(e.st)
 			var once atomic.Bool
@@ -114,7 +115,14 @@ func (u *Upstream) current(ctx context.Context) (*endpointSet, error) {
 	return set, nil
 }
 
-func (u *Upstream) dialOne(ctx context.Context, e Endpoint, td string, share int) (*tls.Conn, error) {
+// What a handshake taught us about an endpoint (endpointStats.peer).
+const (
+	peerUnknown int32 = iota
+	peerStrait        // selected tlsutil.ALPNStrait: resumption is safe
+	peerNoALPN        // refused our ALPN offer: dial it without one
+)
+
+func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share int) (*tls.Conn, error) {
 	if share > 1 {
 		if dl, ok := ctx.Deadline(); ok {
 			var cancel context.CancelFunc
@@ -122,6 +130,7 @@ func (u *Upstream) dialOne(ctx context.Context, e Endpoint, td string, share int
 			defer cancel()
 		}
 	}
+	e := ep.Endpoint
 	id := tlsutil.ServiceID(td, e.Partition, e.Namespace, e.Datacenter, e.Service)
 	// Prepared query endpoints get their service's SNI too, not QuerySNI:
 	// the peer presents a certificate for its service, sidecar public
@@ -129,16 +138,51 @@ func (u *Upstream) dialOne(ctx context.Context, e Endpoint, td string, share int
 	// while a query SNI only means something to an Envoy cluster built for
 	// that query.
 	sni := tlsutil.ServiceSNI(e.Service, e.Namespace, e.Partition, e.Datacenter, td)
-	cfg := u.tls.ClientConfig(id, sni)
+	var opts tlsutil.ClientOptions
+	switch ep.st.peer.Load() {
+	case peerStrait:
+		opts.ResumeKey = e.Addr
+	case peerNoALPN:
+		opts.NoALPN = true
+	}
+	c, err := u.handshake(ctx, e.Addr, u.tls.ClientConfig(id, sni, opts))
+	if err != nil && !opts.NoALPN && isALPNRefused(err) {
+		// A Go server advertising only h2 (Connect-native services by
+		// default) refuses a client that offers only our protocol id.
+		ep.st.peer.Store(peerNoALPN)
+		opts = tlsutil.ClientOptions{NoALPN: true}
+		c, err = u.handshake(ctx, e.Addr, u.tls.ClientConfig(id, sni, opts))
+	}
+	if err != nil {
+		return nil, err
+	}
+	if !opts.NoALPN {
+		if c.ConnectionState().NegotiatedProtocol == tlsutil.ALPNStrait {
+			ep.st.peer.Store(peerStrait)
+		} else {
+			ep.st.peer.Store(peerUnknown) // not (or no longer) strait: never resume
+		}
+	}
+	return c, nil
+}
+
+func (u *Upstream) handshake(ctx context.Context, addr string, cfg *tls.Config) (*tls.Conn, error) {
 	if cfg == nil {
 		return nil, errors.New("no client TLS configuration (leaf certificate not loaded?)")
 	}
 	d := tls.Dialer{NetDialer: u.netDialer, Config: cfg}
-	c, err := d.DialContext(ctx, "tcp", e.Addr)
+	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
 	}
 	return c.(*tls.Conn), nil
+}
+
+// isALPNRefused recognises the no_application_protocol alert. crypto/tls
+// reports received alerts with an unexported type, so its text is the only
+// handle.
+func isALPNRefused(err error) bool {
+	return strings.Contains(err.Error(), "no application protocol")
 }
 
 // pick chooses among the endpoints not tried yet and not ejected, else among

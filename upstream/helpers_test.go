@@ -113,6 +113,9 @@ type testTLS struct {
 	ca   *testCA
 	leaf tls.Certificate
 	td   string
+
+	mu      sync.Mutex
+	resumer map[string]*tls.Config // by ResumeKey, as tlsutil shares them
 }
 
 func newTestTLS(t testing.TB, ca *testCA) *testTLS {
@@ -121,9 +124,34 @@ func newTestTLS(t testing.TB, ca *testCA) *testTLS {
 
 func (c *testTLS) TrustDomain() string { return c.td }
 
-func (c *testTLS) ClientConfig(expected tlsutil.Identity, sni string) *tls.Config {
+// ClientConfig honours opts as tlsutil does: ALPNStrait offered unless
+// NoALPN, a session cache shared per ResumeKey.
+func (c *testTLS) ClientConfig(expected tlsutil.Identity, sni string, opts tlsutil.ClientOptions) *tls.Config {
+	if opts.ResumeKey != "" {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if cfg, ok := c.resumer[opts.ResumeKey]; ok {
+			return cfg
+		}
+		cfg := c.newClientConfig(expected, sni, opts)
+		cfg.ClientSessionCache = tls.NewLRUClientSessionCache(4)
+		if c.resumer == nil {
+			c.resumer = map[string]*tls.Config{}
+		}
+		c.resumer[opts.ResumeKey] = cfg
+		return cfg
+	}
+	return c.newClientConfig(expected, sni, opts)
+}
+
+func (c *testTLS) newClientConfig(expected tlsutil.Identity, sni string, opts tlsutil.ClientOptions) *tls.Config {
 	want := expected.String()
+	var protos []string
+	if !opts.NoALPN {
+		protos = []string{tlsutil.ALPNStrait}
+	}
 	return &tls.Config{
+		NextProtos:   protos,
 		Certificates: []tls.Certificate{c.leaf},
 		ServerName:   sni,
 		MinVersion:   tls.VersionTLS12,
@@ -156,14 +184,23 @@ func (c *testTLS) ClientConfig(expected tlsutil.Identity, sni string) *tls.Confi
 // tlsServer is a peer's public listener: it handshakes (requiring a client
 // certificate from the CA), writes its service name and closes.
 type tlsServer struct {
-	addr  string
-	port  int
-	mu    sync.Mutex
-	snis  []string
-	conns atomic.Int64 // completed handshakes
+	addr    string
+	port    int
+	mu      sync.Mutex
+	snis    []string
+	conns   atomic.Int64 // completed handshakes
+	resumed atomic.Int64 // of which resumed sessions
+	alpn    atomic.Int64 // of which negotiated an ALPN protocol
 }
 
 func startTLSServer(t testing.TB, ca *testCA, service string) *tlsServer {
+	return startTLSServerProtos(t, ca, service, nil)
+}
+
+// startTLSServerProtos is startTLSServer with the server advertising protos
+// by ALPN (nil: none, like the built-in proxy; {"h2"}: a Connect-native
+// service; {tlsutil.ALPNStrait}: a strait proxy).
+func startTLSServerProtos(t testing.TB, ca *testCA, service string, protos []string) *tlsServer {
 	t.Helper()
 	ln := listen(t)
 	s := &tlsServer{addr: ln.Addr().String(), port: ln.Addr().(*net.TCPAddr).Port}
@@ -173,6 +210,7 @@ func startTLSServer(t testing.TB, ca *testCA, service string) *tlsServer {
 		ClientAuth:   tls.RequireAndVerifyClientCert,
 		ClientCAs:    ca.pool,
 		MinVersion:   tls.VersionTLS12,
+		NextProtos:   protos,
 		GetConfigForClient: func(hi *tls.ClientHelloInfo) (*tls.Config, error) {
 			s.mu.Lock()
 			s.snis = append(s.snis, hi.ServerName)
@@ -194,6 +232,12 @@ func startTLSServer(t testing.TB, ca *testCA, service string) *tlsServer {
 					return
 				}
 				s.conns.Add(1)
+				if tc.ConnectionState().DidResume {
+					s.resumed.Add(1)
+				}
+				if tc.ConnectionState().NegotiatedProtocol != "" {
+					s.alpn.Add(1)
+				}
 				_, _ = tc.Write([]byte(service))
 				_ = tc.Close()
 			}()

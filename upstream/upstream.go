@@ -34,7 +34,7 @@ type TLS interface {
 	// ClientConfig returns a tls.Config presenting our leaf and accepting
 	// only a server whose SPIFFE ID equals expected, with ServerName set to
 	// sni. It may be cached and shared, so it is never mutated here.
-	ClientConfig(expected tlsutil.Identity, sni string) *tls.Config
+	ClientConfig(expected tlsutil.Identity, sni string, opts tlsutil.ClientOptions) *tls.Config
 	TrustDomain() string
 }
 
@@ -227,6 +227,10 @@ type endpointStats struct {
 	// ejectedUntil is on the Upstream's monotonic clock (see mono); 0 means
 	// not ejected.
 	ejectedUntil atomic.Int64
+	// peer is what the last handshake taught us about the server: a strait
+	// proxy (selected ALPNStrait: sessions may be resumed), a server that
+	// refuses our ALPN offer (dial without it), or unknown.
+	peer atomic.Int32
 
 	mu          sync.Mutex
 	total       uint64

@@ -579,3 +579,47 @@ func TestPreparedQueryRefreshesInBackground(t *testing.T) {
 		t.Errorf("max executes in flight = %d, want 1", m)
 	}
 }
+
+// TestResumesOnlyWithStraitPeers: sessions are resumed only with a server
+// that selected ALPNStrait (it re-authorizes resumed sessions); a server that
+// selects nothing (built-in proxy, Envoy) gets a full handshake every time,
+// and one that refuses the offer (an h2-only Connect-native service) is
+// dialed again without ALPN and remembered.
+func TestResumesOnlyWithStraitPeers(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name        string
+		protos      []string
+		wantResumed int64 // of 4 dials
+		wantConns   int64
+		wantALPN    int64
+	}{
+		// The first dial learns the peer is strait; the second, the first
+		// with a session cache, stores a ticket; the rest resume.
+		{"strait", []string{tlsutil.ALPNStrait}, 2, 4, 4},
+		{"builtin", nil, 0, 4, 0},
+		{"native h2", []string{"h2"}, 0, 4, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			f := newFixture(t)
+			srv := startTLSServerProtos(t, f.ca, "db", tc.protos)
+			f.agent.setEntries(proxyEntry("n1", "db", srv.port, api.HealthPassing))
+			u := newUpstream(t, serviceUpstream("db"), f.options(t))
+			run(t, u)
+			waitReady(t, u)
+			for range 4 {
+				dialOK(t, u, "db")
+			}
+			if got := srv.conns.Load(); got != tc.wantConns {
+				t.Errorf("%d handshakes completed, want %d", got, tc.wantConns)
+			}
+			if got := srv.resumed.Load(); got != tc.wantResumed {
+				t.Errorf("%d resumed sessions, want %d", got, tc.wantResumed)
+			}
+			if got := srv.alpn.Load(); got != tc.wantALPN {
+				t.Errorf("%d connections negotiated ALPN, want %d", got, tc.wantALPN)
+			}
+		})
+	}
+}
