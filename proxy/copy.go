@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -46,52 +47,64 @@ type Result struct {
 // either direction closes both connections at once, so the peer sees a reset
 // as it would without a proxy.
 //
-// Pipe uses the calling goroutine and one more.
+// Pipe blocks; see Start for the form the listeners use.
 func Pipe(a, b net.Conn, halfCloseIdle time.Duration) Result {
+	ch := make(chan Result, 1)
+	Start(a, b, halfCloseIdle, func(r Result) { ch <- r })
+	return <-ch
+}
+
+// Start is Pipe without blocking: it runs each direction on a goroutine of
+// its own and calls done from whichever finishes last, after both
+// connections are closed. A connection therefore costs exactly two
+// goroutines, both started fresh with small stacks: the goroutine that ran
+// the TLS handshake (whose stack grew deep in crypto code) can exit instead
+// of idling for the connection's lifetime.
+func Start(a, b net.Conn, halfCloseIdle time.Duration, done func(Result)) {
 	if halfCloseIdle <= 0 {
 		halfCloseIdle = DefaultHalfCloseTimeout
 	}
-	var (
-		res     Result
-		done    = make(chan struct{})
-		oneDone = make(chan struct{})
-		once    sync.Once
-		errOnce sync.Once
-	)
-	fail := func(err error) {
-		errOnce.Do(func() { res.Err = err })
+	p := &pipe{a: a, b: b, idle: halfCloseIdle, oneDone: make(chan struct{}), done: done}
+	p.left.Store(2)
+	go p.run(b, a, &p.res.AToB, "downstream->upstream")
+	go p.run(a, b, &p.res.BToA, "upstream->downstream")
+}
+
+type pipe struct {
+	a, b    net.Conn
+	idle    time.Duration
+	oneDone chan struct{}
+	once    sync.Once
+	errOnce sync.Once
+	left    atomic.Int32
+	res     Result
+	done    func(Result)
+}
+
+// run copies src to dst; the direction that finishes second closes both
+// connections and reports.
+func (p *pipe) run(dst, src net.Conn, count *int64, dir string) {
+	n, err := copyHalf(dst, src, p.oneDone, p.idle)
+	*count = n
+	if err != nil {
+		p.errOnce.Do(func() { p.res.Err = dirErr(dir, err) })
 		// Unblock the other direction now rather than at its next deadline.
-		a.Close()
-		b.Close()
+		p.a.Close()
+		p.b.Close()
 	}
 	// When the first direction ends, the other one's reads get an idle
 	// deadline: set once here (that is all the splice path gets) and
-	// refreshed per read by the buffered path.
-	finished := func(otherSrc net.Conn) {
-		once.Do(func() {
-			close(oneDone)
-			otherSrc.SetReadDeadline(time.Now().Add(halfCloseIdle))
-		})
+	// refreshed per read by the buffered path. The other direction reads
+	// from dst.
+	p.once.Do(func() {
+		close(p.oneDone)
+		dst.SetReadDeadline(time.Now().Add(p.idle))
+	})
+	if p.left.Add(-1) == 0 {
+		p.a.Close()
+		p.b.Close()
+		p.done(p.res)
 	}
-	go func() {
-		defer close(done)
-		n, err := copyHalf(a, b, oneDone, halfCloseIdle) // b -> a
-		res.BToA = n
-		if err != nil {
-			fail(dirErr("upstream->downstream", err))
-		}
-		finished(a)
-	}()
-	n, err := copyHalf(b, a, oneDone, halfCloseIdle) // a -> b
-	res.AToB = n
-	if err != nil {
-		fail(dirErr("downstream->upstream", err))
-	}
-	finished(b)
-	<-done
-	a.Close()
-	b.Close()
-	return res
 }
 
 type dirError struct {

@@ -155,8 +155,8 @@ func TestPipeHalfCloseIdleReaped(t *testing.T) {
 	}
 }
 
-// TestPipeGoroutines: a proxied connection costs the caller's goroutine and
-// one more, and nothing is left behind.
+// TestPipeGoroutines: a proxied connection costs two goroutines (Start),
+// and nothing is left behind.
 func TestPipeGoroutines(t *testing.T) {
 	// Not parallel: counts goroutines.
 	before := runtime.NumGoroutine()
@@ -167,9 +167,9 @@ func TestPipeGoroutines(t *testing.T) {
 		c, d := tcpPair(t)
 		u, a := tcpPair(t)
 		clients = append(clients, c, a)
-		go func() { done <- Pipe(wrapped{d}, wrapped{u}, time.Minute) }()
+		Start(wrapped{d}, wrapped{u}, time.Minute, func(r Result) { done <- r })
 	}
-	// n Pipe callers + n copy goroutines.
+	// One goroutine per direction.
 	deadline := time.Now().Add(5 * time.Second)
 	for runtime.NumGoroutine() < before+2*n && time.Now().Before(deadline) {
 		runtime.Gosched()

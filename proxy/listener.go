@@ -15,7 +15,7 @@ import (
 type server struct {
 	name   string
 	ln     net.Listener
-	handle func(ctx context.Context, c net.Conn)
+	handle handler
 	log    hclog.Logger
 
 	ctx    context.Context // cancelled when connections must be abandoned
@@ -27,7 +27,12 @@ type server struct {
 	wg     sync.WaitGroup // accept loop + handlers
 }
 
-func newServer(name string, ln net.Listener, log hclog.Logger, handle func(context.Context, net.Conn)) *server {
+// handler serves one accepted connection. It must call release exactly once
+// when the connection is finished, from any goroutine; it may return before
+// that (the copy loop runs on goroutines of its own).
+type handler func(ctx context.Context, c net.Conn, release func())
+
+func newServer(name string, ln net.Listener, log hclog.Logger, handle handler) *server {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &server{name: name, ln: ln, handle: handle, log: log, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]struct{})}
 	s.wg.Add(1)
@@ -64,11 +69,14 @@ func (s *server) serve() {
 			return
 		}
 		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			defer s.untrack(c)
-			s.handle(s.ctx, c)
-		}()
+		var once sync.Once
+		release := func() {
+			once.Do(func() {
+				s.untrack(c)
+				s.wg.Done()
+			})
+		}
+		go s.handle(s.ctx, c, release)
 	}
 }
 

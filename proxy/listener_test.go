@@ -20,7 +20,8 @@ func TestServerShutdownDrains(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	echo := func(_ context.Context, c net.Conn) {
+	echo := func(_ context.Context, c net.Conn, release func()) {
+		defer release()
 		defer c.Close()
 		io.Copy(c, c)
 	}
@@ -82,7 +83,8 @@ func TestServerShutdownForces(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := newServer("test", ln, hclog.NewNullLogger(), func(_ context.Context, c net.Conn) {
+	s := newServer("test", ln, hclog.NewNullLogger(), func(_ context.Context, c net.Conn, release func()) {
+		defer release()
 		defer c.Close()
 		io.Copy(io.Discard, c)
 	})

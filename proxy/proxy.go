@@ -35,6 +35,9 @@ type Options struct {
 	// HalfCloseTimeout is the idle limit of a connection one side of which
 	// has finished; zero means DefaultHalfCloseTimeout.
 	HalfCloseTimeout time.Duration
+	// CurvePreferences for every handshake (tlsutil.KeyExchange); nil
+	// means Go's default, the post-quantum hybrid first.
+	CurvePreferences []tls.CurveID
 	// DrainTimeout bounds how long a removed or changed listener's live
 	// connections may continue after a reconfiguration; zero means 15s.
 	DrainTimeout time.Duration
@@ -143,6 +146,7 @@ func (p *Proxy) start(c *config.Config) {
 	p.service = c.Service
 	p.src = tlsutil.NewSource(p.opts.Client, c.Service, tlsutil.SourceOptions{
 		Namespace: c.Namespace, Partition: c.Partition, Logger: p.log.Named("certs"),
+		CurvePreferences: p.opts.CurvePreferences,
 	})
 	p.az = authz.New(p.opts.Client, authz.Options{
 		Target: c.Service, Namespace: c.Namespace, Partition: c.Partition, Logger: p.log,
@@ -300,8 +304,8 @@ func (p *Proxy) listenPublic(c *config.Public) (*publicListener, error) {
 	pub := *c
 	pl.cfg.Store(&pub)
 	tlsCfg := p.src.ServerConfig(p.authorize)
-	pl.srv = newServer("public", ln, p.log, func(ctx context.Context, conn net.Conn) {
-		p.handleInbound(ctx, conn, pl, tlsCfg)
+	pl.srv = newServer("public", ln, p.log, func(ctx context.Context, conn net.Conn, release func()) {
+		p.handleInbound(ctx, conn, pl, tlsCfg, release)
 	})
 	p.log.Info("public listener bound", "addr", ln.Addr().String(), "app", c.LocalServiceAddress)
 	return pl, nil
@@ -329,8 +333,8 @@ func (p *Proxy) listenUpstream(u config.Upstream) (*upstreamListener, error) {
 	ctx, cancel := context.WithCancel(p.ctx)
 	p.bg.Go(func() { up.Run(ctx) })
 	ul := &upstreamListener{cfg: u, up: up, cancel: cancel}
-	ul.srv = newServer("upstream "+u.DestinationName, ln, p.log, func(ctx context.Context, conn net.Conn) {
-		p.handleUpstream(ctx, conn, ul)
+	ul.srv = newServer("upstream "+u.DestinationName, ln, p.log, func(ctx context.Context, conn net.Conn, release func()) {
+		p.handleUpstream(ctx, conn, ul, release)
 	})
 	return ul, nil
 }
@@ -376,7 +380,13 @@ func (p *Proxy) authorize(ctx context.Context, peer tlsutil.Identity, serial str
 	return nil
 }
 
-func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *publicListener, tlsCfg *tls.Config) {
+func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *publicListener, tlsCfg *tls.Config, release func()) {
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			release()
+		}
+	}()
 	cfg := pl.cfg.Load()
 	start := time.Now()
 	hctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeoutOrDefault())
@@ -409,16 +419,25 @@ func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *publicList
 	}
 	labels := []metrics.Label{{Name: "dst", Value: p.service}}
 	p.metrics.IncrCounterWithLabels([]string{"inbound", "conns"}, 1, labels)
-	res := Pipe(tc, app, p.opts.HalfCloseTimeout)
-	p.metrics.IncrCounterWithLabels([]string{"inbound", "rx_bytes"}, float32(res.AToB), labels)
-	p.metrics.IncrCounterWithLabels([]string{"inbound", "tx_bytes"}, float32(res.BToA), labels)
-	src := tc.ConnectionState().PeerCertificates[0].URIs[0].String()
-	if res.Err != nil && !isClosed(res.Err) {
-		p.log.Debug("inbound connection ended with error", "source", src, "error", res.Err, "duration", time.Since(start))
-	}
+	handedOff = true
+	Start(tc, app, p.opts.HalfCloseTimeout, func(res Result) {
+		defer release()
+		p.metrics.IncrCounterWithLabels([]string{"inbound", "rx_bytes"}, float32(res.AToB), labels)
+		p.metrics.IncrCounterWithLabels([]string{"inbound", "tx_bytes"}, float32(res.BToA), labels)
+		if res.Err != nil && !isClosed(res.Err) {
+			src := tc.ConnectionState().PeerCertificates[0].URIs[0].String()
+			p.log.Debug("inbound connection ended with error", "source", src, "error", res.Err, "duration", time.Since(start))
+		}
+	})
 }
 
-func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *upstreamListener) {
+func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *upstreamListener, release func()) {
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			release()
+		}
+	}()
 	// Right after start the first endpoint answer may still be on its way;
 	// wait for it within the connect timeout rather than fail.
 	select {
@@ -432,22 +451,25 @@ func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *upstreamL
 		}
 		t.Stop()
 	}
-	tc, ep, release, err := ul.up.Dial(ctx)
+	tc, ep, releaseEndpoint, err := ul.up.Dial(ctx)
 	if err != nil {
 		p.log.Warn("upstream dial failed", "upstream", ul.cfg.String(), "error", err)
 		p.metrics.IncrCounterWithLabels([]string{"upstream", "dial_failed"}, 1, []metrics.Label{{Name: "dst", Value: ul.cfg.DestinationName}})
 		conn.Close()
 		return
 	}
-	defer release()
 	labels := []metrics.Label{{Name: "src", Value: p.service}, {Name: "dst_type", Value: ul.cfg.Type()}, {Name: "dst", Value: ul.cfg.DestinationName}}
 	p.metrics.IncrCounterWithLabels([]string{"upstream", "conns"}, 1, labels)
-	res := Pipe(conn, tc, p.opts.HalfCloseTimeout)
-	p.metrics.IncrCounterWithLabels([]string{"upstream", "tx_bytes"}, float32(res.AToB), labels)
-	p.metrics.IncrCounterWithLabels([]string{"upstream", "rx_bytes"}, float32(res.BToA), labels)
-	if res.Err != nil && !isClosed(res.Err) {
-		p.log.Debug("upstream connection ended with error", "upstream", ul.cfg.String(), "endpoint", ep.Addr, "error", res.Err)
-	}
+	handedOff = true
+	Start(conn, tc, p.opts.HalfCloseTimeout, func(res Result) {
+		defer release()
+		defer releaseEndpoint()
+		p.metrics.IncrCounterWithLabels([]string{"upstream", "tx_bytes"}, float32(res.AToB), labels)
+		p.metrics.IncrCounterWithLabels([]string{"upstream", "rx_bytes"}, float32(res.BToA), labels)
+		if res.Err != nil && !isClosed(res.Err) {
+			p.log.Debug("upstream connection ended with error", "upstream", ul.cfg.String(), "endpoint", ep.Addr, "error", res.Err)
+		}
+	})
 }
 
 // Shutdown stops accepting on every listener, lets live connections finish

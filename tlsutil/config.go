@@ -8,6 +8,9 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // Authorizer decides whether an authenticated peer may connect. It runs
@@ -66,10 +69,11 @@ func (s *Source) ServerConfig(authorize Authorizer) *tls.Config {
 			protos = []string{ALPNStrait}
 		}
 		return &tls.Config{
-			NextProtos:   protos,
-			MinVersion:   tls.VersionTLS12,
-			CipherSuites: cipherSuites,
-			ClientAuth:   tls.RequireAnyClientCert,
+			NextProtos:       protos,
+			CurvePreferences: s.curves,
+			MinVersion:       tls.VersionTLS12,
+			CipherSuites:     cipherSuites,
+			ClientAuth:       tls.RequireAnyClientCert,
 			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 				return s.presentable(b)
 			},
@@ -124,6 +128,7 @@ func (s *Source) ClientConfig(expected Identity, sni string, opts ClientOptions)
 		ServerName:         sni,
 		InsecureSkipVerify: true, // verification is done in VerifyConnection below
 		NextProtos:         []string{ALPNStrait},
+		CurvePreferences:   s.curves,
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 			b := s.cur.Load()
 			if b == nil {
@@ -175,6 +180,9 @@ func verifyPeer(b *Bundle, certs []*x509.Certificate, usage x509.ExtKeyUsage) (I
 		return Identity{}, "", ErrNoPeerCert
 	}
 	leaf := certs[0]
+	if v, ok := b.verified.get(leaf, usage); ok {
+		return v.id, v.serial, nil
+	}
 	var inter *x509.CertPool
 	if len(certs) > 1 {
 		inter = x509.NewCertPool()
@@ -182,9 +190,20 @@ func verifyPeer(b *Bundle, certs []*x509.Certificate, usage x509.ExtKeyUsage) (I
 			inter.AddCert(c)
 		}
 	}
-	if _, err := leaf.Verify(x509.VerifyOptions{Roots: b.Roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{usage}}); err != nil {
+	chains, err := leaf.Verify(x509.VerifyOptions{Roots: b.Roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{usage}})
+	if err != nil {
 		return Identity{}, "", fmt.Errorf("%w: %w", ErrUntrustedChain, err)
 	}
+	id, serial, err := peerIdentity(b, leaf)
+	if err != nil {
+		return Identity{}, "", err
+	}
+	b.verified.put(leaf, usage, verified{id: id, serial: serial, notAfter: chainNotAfter(chains)})
+	return id, serial, nil
+}
+
+// peerIdentity extracts and checks the service identity of a verified leaf.
+func peerIdentity(b *Bundle, leaf *x509.Certificate) (Identity, string, error) {
 	if len(leaf.URIs) == 0 {
 		return Identity{}, "", fmt.Errorf("%w: no URI SAN", ErrNotServiceIdent)
 	}
@@ -207,4 +226,63 @@ func sameIdentity(a, b Identity) bool {
 	return a.Kind == b.Kind && strings.EqualFold(a.TrustDomain, b.TrustDomain) &&
 		a.Partition == b.Partition && a.Namespace == b.Namespace &&
 		strings.EqualFold(a.Datacenter, b.Datacenter) && a.Service == b.Service
+}
+
+// verifyCache maps a peer leaf (its DER bytes) and key usage to the result
+// of verifying it against one Bundle's roots. Entries expire with the
+// earliest NotAfter of the verified chain; the cache stops growing at
+// verifyCacheMax entries (a mesh has far fewer distinct peer leaves).
+type verifyCache struct {
+	m sync.Map // verifyKey -> verified
+	n atomic.Int64
+}
+
+const verifyCacheMax = 4096
+
+type verifyKey struct {
+	der   string
+	usage x509.ExtKeyUsage
+}
+
+type verified struct {
+	id       Identity
+	serial   string
+	notAfter time.Time
+}
+
+func (c *verifyCache) get(leaf *x509.Certificate, usage x509.ExtKeyUsage) (verified, bool) {
+	v, ok := c.m.Load(verifyKey{string(leaf.Raw), usage})
+	if !ok {
+		return verified{}, false
+	}
+	e := v.(verified)
+	if !time.Now().Before(e.notAfter) {
+		c.m.Delete(verifyKey{string(leaf.Raw), usage})
+		c.n.Add(-1)
+		return verified{}, false
+	}
+	return e, true
+}
+
+func (c *verifyCache) put(leaf *x509.Certificate, usage x509.ExtKeyUsage, v verified) {
+	if c.n.Load() >= verifyCacheMax {
+		return
+	}
+	if _, loaded := c.m.LoadOrStore(verifyKey{string(leaf.Raw), usage}, v); !loaded {
+		c.n.Add(1)
+	}
+}
+
+// chainNotAfter is the earliest expiry along the first verified chain.
+func chainNotAfter(chains [][]*x509.Certificate) time.Time {
+	var t time.Time
+	if len(chains) == 0 {
+		return t
+	}
+	for i, c := range chains[0] {
+		if i == 0 || c.NotAfter.Before(t) {
+			t = c.NotAfter
+		}
+	}
+	return t
 }

@@ -156,8 +156,10 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 	if err != nil {
 		return nil, err
 	}
+	cs := c.ConnectionState()
+	u.log.Trace("handshake done", "addr", e.Addr, "alpn", cs.NegotiatedProtocol, "resumed", cs.DidResume, "resume_key", opts.ResumeKey != "")
 	if !opts.NoALPN {
-		if c.ConnectionState().NegotiatedProtocol == tlsutil.ALPNStrait {
+		if cs.NegotiatedProtocol == tlsutil.ALPNStrait {
 			ep.st.peer.Store(peerStrait)
 		} else {
 			ep.st.peer.Store(peerUnknown) // not (or no longer) strait: never resume

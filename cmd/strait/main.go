@@ -22,6 +22,7 @@ import (
 
 	"github.com/straitproxy/strait/config"
 	"github.com/straitproxy/strait/proxy"
+	"github.com/straitproxy/strait/tlsutil"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -63,6 +64,7 @@ type options struct {
 	pprofAddr                 string
 	shutdownGrace             time.Duration
 	halfCloseTimeout          time.Duration
+	tlsKex                    string
 	api                       config.API
 	flagsModeSet, registerSet bool
 }
@@ -84,6 +86,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.StringVar(&o.pprofAddr, "pprof-addr", "", "Serve net/http/pprof on this host:port.")
 	fs.DurationVar(&o.shutdownGrace, "shutdown-grace", 15*time.Second, "On SIGINT/SIGTERM, how long live connections may finish.")
 	fs.DurationVar(&o.halfCloseTimeout, "half-close-timeout", proxy.DefaultHalfCloseTimeout, "Idle limit of a connection one side of which has finished sending.")
+	fs.StringVar(&o.tlsKex, "tls-kex", "hybrid", "TLS key exchange: hybrid (post-quantum X25519MLKEM768 first, Go's default) or x25519 (cheaper handshakes).")
 	fs.StringVar(&o.api.Addr, "http-addr", "", "Consul agent HTTP address. Env CONSUL_HTTP_ADDR (default 127.0.0.1:8500).")
 	fs.StringVar(&o.api.Token, "token", "", "ACL token. Env CONSUL_HTTP_TOKEN.")
 	fs.StringVar(&o.api.TokenFile, "token-file", "", "File holding the ACL token, re-read on SIGHUP. Env CONSUL_HTTP_TOKEN_FILE.")
@@ -114,6 +117,9 @@ func parseFlags(args []string) (*options, error) {
 }
 
 func (o *options) validate() error {
+	if _, err := tlsutil.KeyExchange(o.tlsKex); err != nil {
+		return usagef("-tls-kex: %v", err)
+	}
 	if hclog.LevelFromString(o.logLevel) == hclog.NoLevel {
 		return usagef("-log-level %q: want trace, debug, info, warn or error", o.logLevel)
 	}
@@ -234,7 +240,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		config.WatchAgent(runCtx, client, id, log.Named("config"), cfgs)
 	}()
 
-	p := proxy.New(proxy.Options{Client: client, AgentConfig: agent.Config, Logger: log, HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace})
+	curves, _ := tlsutil.KeyExchange(o.tlsKex)
+	p := proxy.New(proxy.Options{CurvePreferences: curves, Client: client, AgentConfig: agent.Config, Logger: log, HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace})
 	runErr := make(chan error, 1)
 	go func() { runErr <- p.Run(runCtx, cfgs) }()
 

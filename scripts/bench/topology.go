@@ -53,6 +53,9 @@ var topologies = map[string]topology{
 		// A short drain: the harness closes its connections before stopping.
 		return startMeshPair(ctx, e, "strait", []string{e.strait}, "-shutdown-grace", "1s")
 	}},
+	"strait-x25519": {label: "strait pair (-tls-kex x25519)", start: func(ctx context.Context, e *env) (*pair, error) {
+		return startMeshPair(ctx, e, "strait-x25519", []string{e.strait}, "-shutdown-grace", "1s", "-tls-kex", "x25519")
+	}},
 	"builtin": {label: "built-in pair", start: func(ctx context.Context, e *env) (*pair, error) {
 		return startMeshPair(ctx, e, "builtin", []string{e.consul, "connect", "proxy"})
 	}},
