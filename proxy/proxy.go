@@ -18,6 +18,7 @@ import (
 
 	"github.com/straitproxy/strait/authz"
 	"github.com/straitproxy/strait/config"
+	"github.com/straitproxy/strait/internal/ktls"
 	"github.com/straitproxy/strait/tlsutil"
 	"github.com/straitproxy/strait/upstream"
 )
@@ -38,6 +39,10 @@ type Options struct {
 	// CurvePreferences for every handshake (tlsutil.KeyExchange); nil
 	// means Go's default, the post-quantum hybrid first.
 	CurvePreferences []tls.CurveID
+	// KTLS is "auto" (probe the kernel's TLS offload at start and report
+	// it) or "off". See internal/ktls and README.md: the hand-off of
+	// established connections to the kernel is not wired yet.
+	KTLS string
 	// DrainTimeout bounds how long a removed or changed listener's live
 	// connections may continue after a reconfiguration; zero means 15s.
 	DrainTimeout time.Duration
@@ -144,6 +149,13 @@ func (p *Proxy) Run(ctx context.Context, cfgs <-chan *config.Config) error {
 
 func (p *Proxy) start(c *config.Config) {
 	p.service = c.Service
+	if p.opts.KTLS != "off" {
+		if err := ktls.Probe(); err != nil {
+			p.log.Info("kernel TLS offload unavailable; using crypto/tls", "reason", err)
+		} else {
+			p.log.Info("kernel TLS offload available; connections still use crypto/tls in this release")
+		}
+	}
 	p.src = tlsutil.NewSource(p.opts.Client, c.Service, tlsutil.SourceOptions{
 		Namespace: c.Namespace, Partition: c.Partition, Logger: p.log.Named("certs"),
 		CurvePreferences: p.opts.CurvePreferences,

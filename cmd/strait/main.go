@@ -65,6 +65,7 @@ type options struct {
 	shutdownGrace             time.Duration
 	halfCloseTimeout          time.Duration
 	tlsKex                    string
+	ktls                      string
 	api                       config.API
 	flagsModeSet, registerSet bool
 }
@@ -87,6 +88,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.DurationVar(&o.shutdownGrace, "shutdown-grace", 15*time.Second, "On SIGINT/SIGTERM, how long live connections may finish.")
 	fs.DurationVar(&o.halfCloseTimeout, "half-close-timeout", proxy.DefaultHalfCloseTimeout, "Idle limit of a connection one side of which has finished sending.")
 	fs.StringVar(&o.tlsKex, "tls-kex", "hybrid", "TLS key exchange: hybrid (post-quantum X25519MLKEM768 first, Go's default) or x25519 (cheaper handshakes).")
+	fs.StringVar(&o.ktls, "ktls", "auto", "Kernel TLS offload: auto (probe and report at start) or off.")
 	fs.StringVar(&o.api.Addr, "http-addr", "", "Consul agent HTTP address. Env CONSUL_HTTP_ADDR (default 127.0.0.1:8500).")
 	fs.StringVar(&o.api.Token, "token", "", "ACL token. Env CONSUL_HTTP_TOKEN.")
 	fs.StringVar(&o.api.TokenFile, "token-file", "", "File holding the ACL token, re-read on SIGHUP. Env CONSUL_HTTP_TOKEN_FILE.")
@@ -119,6 +121,9 @@ func parseFlags(args []string) (*options, error) {
 func (o *options) validate() error {
 	if _, err := tlsutil.KeyExchange(o.tlsKex); err != nil {
 		return usagef("-tls-kex: %v", err)
+	}
+	if o.ktls != "auto" && o.ktls != "off" {
+		return usagef("-ktls %q: want auto or off", o.ktls)
 	}
 	if hclog.LevelFromString(o.logLevel) == hclog.NoLevel {
 		return usagef("-log-level %q: want trace, debug, info, warn or error", o.logLevel)
@@ -241,7 +246,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}()
 
 	curves, _ := tlsutil.KeyExchange(o.tlsKex)
-	p := proxy.New(proxy.Options{CurvePreferences: curves, Client: client, AgentConfig: agent.Config, Logger: log, HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace})
+	p := proxy.New(proxy.Options{KTLS: o.ktls, CurvePreferences: curves, Client: client, AgentConfig: agent.Config, Logger: log, HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace})
 	runErr := make(chan error, 1)
 	go func() { runErr <- p.Run(runCtx, cfgs) }()
 
