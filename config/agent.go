@@ -41,6 +41,7 @@ func FromAgentService(svc *api.AgentService) (*Config, error) {
 		Partition: svc.Partition,
 	}
 	pc := px.Config
+	c.Telemetry = pc["telemetry"]
 
 	bindAddr, err := stringKey(pc, "bind_address")
 	if err != nil {

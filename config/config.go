@@ -47,6 +47,12 @@ type Config struct {
 	Public *Public
 	// Upstreams are the loopback listeners for outbound traffic.
 	Upstreams []Upstream
+
+	// Telemetry is the registration's Proxy.Config["telemetry"] block as
+	// the agent returned it (agent mode; nil when absent). It is decoded
+	// by package metrics, not here, and never printed: it is Consul's
+	// agent telemetry block and may carry credentials.
+	Telemetry any `json:"-"`
 }
 
 // Public configures the public (inbound) listener.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -22,9 +23,14 @@ type server struct {
 	cancel context.CancelFunc
 
 	mu     sync.Mutex
-	conns  map[net.Conn]struct{}
+	conns  map[net.Conn]*liveConn // nil until the connection is proxied
 	closed bool
 	wg     sync.WaitGroup // accept loop + handlers
+
+	accepted atomic.Int64
+	// forced is set when Shutdown's grace ran out and it closed the
+	// connections still open, so that they are reported as "shutdown".
+	forced atomic.Bool
 }
 
 // handler serves one accepted connection. It must call release exactly once
@@ -34,7 +40,7 @@ type handler func(ctx context.Context, c net.Conn, release func())
 
 func newServer(name string, ln net.Listener, log hclog.Logger, handle handler) *server {
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &server{name: name, ln: ln, handle: handle, log: log, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]struct{})}
+	s := &server{name: name, ln: ln, handle: handle, log: log, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]*liveConn)}
 	s.wg.Add(1)
 	go s.serve()
 	return s
@@ -64,6 +70,7 @@ func (s *server) serve() {
 			}
 		}
 		backoff = 0
+		s.accepted.Add(1)
 		if !s.track(c) {
 			c.Close()
 			return
@@ -86,8 +93,30 @@ func (s *server) track(c net.Conn) bool {
 	if s.closed {
 		return false
 	}
-	s.conns[c] = struct{}{}
+	s.conns[c] = nil
 	return true
+}
+
+// attach records the live state of an accepted connection once it is
+// proxied, for the shared metrics flush. c must be the accepted connection.
+func (s *server) attach(c net.Conn, lc *liveConn) {
+	s.mu.Lock()
+	if _, ok := s.conns[c]; ok {
+		s.conns[c] = lc
+	}
+	s.mu.Unlock()
+}
+
+// live returns the proxied connections' state.
+func (s *server) live(buf []*liveConn) []*liveConn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, lc := range s.conns {
+		if lc != nil {
+			buf = append(buf, lc)
+		}
+	}
+	return buf
 }
 
 func (s *server) untrack(c net.Conn) {
@@ -119,6 +148,7 @@ func (s *server) Shutdown(ctx context.Context) {
 		return
 	case <-ctx.Done():
 	}
+	s.forced.Store(true)
 	s.cancel()
 	s.mu.Lock()
 	n := len(s.conns)

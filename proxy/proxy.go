@@ -7,18 +7,20 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/armon/go-metrics"
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/straitproxy/strait/authz"
 	"github.com/straitproxy/strait/config"
 	"github.com/straitproxy/strait/internal/ktls"
+	"github.com/straitproxy/strait/internal/watch"
+	"github.com/straitproxy/strait/metrics"
 	"github.com/straitproxy/strait/tlsutil"
 	"github.com/straitproxy/strait/upstream"
 )
@@ -31,8 +33,23 @@ type Options struct {
 	// authorization lookups are bounded by the handshake's context.
 	AgentConfig *api.Config
 	Logger      hclog.Logger
-	// Metrics receives the built-in proxy's metric names; nil discards.
+	// Metrics receives the built-in proxy's metric names and strait's own
+	// (see package metrics); nil means metrics.Discard().
 	Metrics *metrics.Metrics
+	// Telemetry is the telemetry configuration from flags. The first
+	// Config's telemetry block (agent mode) is applied under it, field by
+	// field, to Metrics when Run starts; later changes of the block take a
+	// restart, as with the built-in proxy.
+	Telemetry metrics.Telemetry
+	// AccessLog selects the connections that get an access log line;
+	// "" means AccessLogDeniedOnly.
+	AccessLog AccessLog
+	// AccessLogger receives the access log lines; nil means
+	// Logger.Named("access").
+	AccessLogger hclog.Logger
+	// FlushInterval is the period of the shared flush that reports live
+	// connections' bytes and the gauges; zero means DefaultFlushInterval.
+	FlushInterval time.Duration
 	// HalfCloseTimeout is the idle limit of a connection one side of which
 	// has finished; zero means DefaultHalfCloseTimeout.
 	HalfCloseTimeout time.Duration
@@ -54,7 +71,9 @@ type Options struct {
 type Proxy struct {
 	opts    Options
 	log     hclog.Logger
+	access  hclog.Logger
 	metrics *metrics.Metrics
+	watches *watchTracker
 
 	ctx    context.Context // lives until Shutdown finishes
 	cancel context.CancelFunc
@@ -68,20 +87,34 @@ type Proxy struct {
 	mu        sync.Mutex
 	public    *publicListener
 	upstreams map[string]*upstreamListener // by listen address
+	listeners map[*lstats]struct{}         // every listener until drained
+	gauges    map[string]*connGauge        // *.conns, by label set
 	ready     atomic.Bool
 	shutdown  bool
+	// telemetryRaw is the telemetry block applied at start;
+	// telemetryErr why it was not; applyErr why the last
+	// configuration was not fully applied.
+	telemetryRaw any
+	telemetryErr error
+	applyErr     error
+
+	phase   atomic.Int32 // a phase
+	failure atomic.Pointer[string]
+	cfg     atomic.Pointer[config.Config]
 }
 
 type publicListener struct {
-	addr string
-	cfg  atomic.Pointer[config.Public] // app address and timeouts may change in place
-	srv  *server
+	addr  string
+	cfg   atomic.Pointer[config.Public] // app address and timeouts may change in place
+	srv   *server
+	stats *lstats
 }
 
 type upstreamListener struct {
 	cfg    config.Upstream
 	up     *upstream.Upstream
 	srv    *server
+	stats  *lstats
 	cancel context.CancelFunc
 }
 
@@ -90,19 +123,37 @@ func New(opts Options) *Proxy {
 	if opts.Logger == nil {
 		opts.Logger = hclog.NewNullLogger()
 	}
+	if opts.AccessLog == "" {
+		opts.AccessLog = AccessLogDeniedOnly
+	}
+	if opts.AccessLogger == nil {
+		opts.AccessLogger = opts.Logger.Named("access")
+	}
 	m := opts.Metrics
 	if m == nil {
-		m, _ = metrics.New(metrics.DefaultConfig("strait"), &metrics.BlackholeSink{})
+		m = metrics.Discard()
 	}
-	ctx, cancel := context.WithCancel(context.Background())
+	w := newWatchTracker(m)
+	// Every watch run under the proxy's context (certificates, intentions,
+	// upstream endpoints) reports to the tracker.
+	ctx, cancel := context.WithCancel(watch.WithObserver(context.Background(), w))
 	return &Proxy{
-		opts: opts, log: opts.Logger, metrics: m, ctx: ctx, cancel: cancel,
+		opts: opts, log: opts.Logger, access: opts.AccessLogger, metrics: m, watches: w, ctx: ctx, cancel: cancel,
 		upstreams: make(map[string]*upstreamListener),
+		listeners: make(map[*lstats]struct{}),
+		gauges:    make(map[string]*connGauge),
 	}
 }
 
 // Ready reports whether certificates are loaded and every listener is bound.
 func (p *Proxy) Ready() bool { return p.ready.Load() }
+
+// source returns the certificate source, nil before Run has started it.
+func (p *Proxy) source() *tlsutil.Source {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.src
+}
 
 // Run applies every Config received on cfgs until ctx is done or cfgs is
 // closed. The first Config starts the certificate and intention watches;
@@ -119,14 +170,19 @@ func (p *Proxy) Run(ctx context.Context, cfgs <-chan *config.Config) error {
 			return nil
 		}
 	}
+	p.cfg.Store(first)
+	p.configureTelemetry(first)
 	p.start(first)
 	if !p.waitReady(ctx, first) {
 		return nil
 	}
+	p.setPhase(phaseBinding)
 	if err := p.apply(first); err != nil {
+		p.fail(err)
 		return err
 	}
 	p.ready.Store(true)
+	p.setPhase(phaseReady)
 	p.log.Info("proxy ready", "service", first.Service, "public", p.publicAddr(), "upstreams", len(first.Upstreams))
 	for {
 		select {
@@ -140,10 +196,55 @@ func (p *Proxy) Run(ctx context.Context, cfgs <-chan *config.Config) error {
 				p.log.Error("the proxied service changed; restart strait to serve the new one", "old", p.service, "new", c.Service)
 				continue
 			}
+			p.telemetryChanged(c)
 			if err := p.apply(c); err != nil {
 				p.log.Error("applying new configuration failed; keeping the rest running", "error", err)
 			}
+			p.cfg.Store(c)
 		}
+	}
+}
+
+// configureTelemetry applies the flags' telemetry over the first Config's
+// telemetry block. A block that does not decode is reported (log, /ready's
+// degraded list) and ignored, as the built-in proxy ignores it: metrics are
+// not a reason to refuse traffic.
+func (p *Proxy) configureTelemetry(c *config.Config) {
+	tel := p.opts.Telemetry
+	var terr error
+	if c.Telemetry != nil {
+		block, warnings, err := metrics.ParseTelemetry(c.Telemetry)
+		for _, w := range warnings {
+			p.log.Warn(w)
+		}
+		if err != nil {
+			terr = err
+			p.log.Error("ignoring the proxy's telemetry block", "error", err)
+		} else {
+			tel = block.Overlay(tel)
+		}
+	}
+	if err := p.metrics.Configure(tel); err != nil {
+		terr = errors.Join(terr, err)
+		p.log.Error("configuring metrics sinks failed", "error", err)
+	}
+	if tel.StatsdAddr != "" || tel.StatsiteAddr != "" || tel.DogstatsdAddr != "" {
+		p.log.Info("sending metrics", "statsd", tel.StatsdAddr, "statsite", tel.StatsiteAddr, "dogstatsd", tel.DogstatsdAddr, "prefix", tel.MetricsPrefix)
+	}
+	p.mu.Lock()
+	p.telemetryRaw, p.telemetryErr = c.Telemetry, terr
+	p.mu.Unlock()
+}
+
+func (p *Proxy) telemetryChanged(c *config.Config) {
+	p.mu.Lock()
+	changed := !reflect.DeepEqual(c.Telemetry, p.telemetryRaw)
+	if changed {
+		p.telemetryRaw = c.Telemetry
+	}
+	p.mu.Unlock()
+	if changed {
+		p.log.Warn("the proxy's telemetry block changed; restart strait to apply it")
 	}
 }
 
@@ -156,16 +257,21 @@ func (p *Proxy) start(c *config.Config) {
 			p.log.Info("kernel TLS offload available; connections still use crypto/tls in this release")
 		}
 	}
-	p.src = tlsutil.NewSource(p.opts.Client, c.Service, tlsutil.SourceOptions{
+	src := tlsutil.NewSource(p.opts.Client, c.Service, tlsutil.SourceOptions{
 		Namespace: c.Namespace, Partition: c.Partition, Logger: p.log.Named("certs"),
 		CurvePreferences: p.opts.CurvePreferences,
 	})
-	p.az = authz.New(p.opts.Client, authz.Options{
+	az := authz.New(p.opts.Client, authz.Options{
 		Target: c.Service, Namespace: c.Namespace, Partition: c.Partition, Logger: p.log,
 		AgentConfig: p.opts.AgentConfig,
 	})
-	p.bg.Go(func() { p.src.Run(p.ctx) })
-	p.bg.Go(func() { p.az.Run(p.ctx) })
+	p.mu.Lock()
+	p.src, p.az = src, az
+	p.mu.Unlock()
+	p.setPhase(phaseWaitingCerts)
+	p.bg.Go(func() { src.Run(p.ctx) })
+	p.bg.Go(func() { az.Run(p.ctx) })
+	p.bg.Go(p.flushLoop)
 }
 
 // localDatacenter is the agent's datacenter, read from our own leaf.
@@ -183,7 +289,10 @@ func (p *Proxy) waitReady(ctx context.Context, c *config.Config) bool {
 	if c.Public != nil {
 		wait = append(wait, p.az.Ready())
 	}
-	for _, ch := range wait {
+	for i, ch := range wait {
+		if i == 1 {
+			p.setPhase(phaseWaitingIntentions)
+		}
 		for ready := false; !ready; {
 			select {
 			case <-ctx.Done():
@@ -233,7 +342,7 @@ func (p *Proxy) apply(c *config.Config) error {
 	switch {
 	case c.Public == nil && p.public != nil:
 		p.log.Info("public listener removed", "addr", p.public.addr)
-		p.drainLater(p.public.srv)
+		p.drainLater(p.public.stats)
 		p.public = nil
 	case c.Public != nil && p.public != nil && p.public.addr == c.Public.Addr():
 		pub := *c.Public
@@ -241,7 +350,7 @@ func (p *Proxy) apply(c *config.Config) error {
 	case c.Public != nil:
 		if p.public != nil {
 			p.log.Info("public listener address changed; rebinding", "old", p.public.addr, "new", c.Public.Addr())
-			p.drainLater(p.public.srv)
+			p.drainLater(p.public.stats)
 			p.public = nil
 		}
 		pl, err := p.listenPublic(c.Public)
@@ -276,18 +385,21 @@ func (p *Proxy) apply(c *config.Config) error {
 		p.upstreams[key] = ul
 		p.log.Info("upstream listening", "upstream", u.String(), "addr", ul.srv.Addr().String())
 	}
-	return errors.Join(errs...)
+	p.applyErr = errors.Join(errs...)
+	return p.applyErr
 }
 
-func (p *Proxy) drainLater(s *server) {
+func (p *Proxy) drainLater(l *lstats) {
 	d := p.opts.DrainTimeout
 	if d <= 0 {
 		d = 15 * time.Second
 	}
+	l.draining.Store(true)
 	p.bg.Go(func() {
 		ctx, cancel := context.WithTimeout(p.ctx, d)
 		defer cancel()
-		s.Shutdown(ctx)
+		l.srv.Shutdown(ctx)
+		p.forget(l)
 	})
 }
 
@@ -295,6 +407,7 @@ func (p *Proxy) stopUpstream(ul *upstreamListener) {
 	// Close the listener now so the address can be rebound at once; live
 	// connections drain in the background, then the watch stops.
 	ul.srv.ln.Close()
+	ul.stats.draining.Store(true)
 	d := p.opts.DrainTimeout
 	if d <= 0 {
 		d = 15 * time.Second
@@ -304,6 +417,7 @@ func (p *Proxy) stopUpstream(ul *upstreamListener) {
 		defer cancel()
 		ul.srv.Shutdown(ctx)
 		ul.cancel()
+		p.forget(ul.stats)
 	})
 }
 
@@ -316,9 +430,13 @@ func (p *Proxy) listenPublic(c *config.Public) (*publicListener, error) {
 	pub := *c
 	pl.cfg.Store(&pub)
 	tlsCfg := p.src.ServerConfig(p.authorize)
+	ready := make(chan struct{})
 	pl.srv = newServer("public", ln, p.log, func(ctx context.Context, conn net.Conn, release func()) {
+		<-ready
 		p.handleInbound(ctx, conn, pl, tlsCfg, release)
 	})
+	pl.stats = p.newStats("inbound", "public", pl.srv, []metrics.Label{{Name: "dst", Value: p.service}})
+	close(ready)
 	p.log.Info("public listener bound", "addr", ln.Addr().String(), "app", c.LocalServiceAddress)
 	return pl, nil
 }
@@ -329,6 +447,7 @@ func (p *Proxy) listenUpstream(u config.Upstream) (*upstreamListener, error) {
 		TLS:             p.src,
 		LocalDatacenter: p.localDatacenter(),
 		Logger:          p.log.Named("upstream").With("upstream", u.DestinationName),
+		NetDialer:       newUpstreamDialer(),
 	})
 	if err != nil {
 		return nil, err
@@ -345,9 +464,16 @@ func (p *Proxy) listenUpstream(u config.Upstream) (*upstreamListener, error) {
 	ctx, cancel := context.WithCancel(p.ctx)
 	p.bg.Go(func() { up.Run(ctx) })
 	ul := &upstreamListener{cfg: u, up: up, cancel: cancel}
+	ready := make(chan struct{})
 	ul.srv = newServer("upstream "+u.DestinationName, ln, p.log, func(ctx context.Context, conn net.Conn, release func()) {
+		<-ready
 		p.handleUpstream(ctx, conn, ul, release)
 	})
+	ul.stats = p.newStats("upstream", u.String(), ul.srv, []metrics.Label{
+		{Name: "src", Value: p.service}, {Name: "dst_type", Value: u.Type()}, {Name: "dst", Value: u.DestinationName},
+	})
+	ul.stats.ul = ul
+	close(ready)
 	return ul, nil
 }
 
@@ -384,7 +510,7 @@ func (e *DeniedError) Error() string {
 func (p *Proxy) authorize(ctx context.Context, peer tlsutil.Identity, serial string) error {
 	d, err := p.az.Authorize(ctx, peer, serial)
 	if err != nil {
-		return fmt.Errorf("authorization of %s failed: %w", peer, err)
+		return &AuthzError{Source: peer, Err: err}
 	}
 	if !d.Allow {
 		return &DeniedError{Source: peer, Reason: d.Reason}
@@ -400,7 +526,9 @@ func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *publicList
 		}
 	}()
 	cfg := pl.cfg.Load()
-	start := time.Now()
+	rec := &accessRecord{dir: "inbound", dest: p.service, endpoint: cfg.LocalServiceAddress,
+		remote: addrString(conn.RemoteAddr()), start: time.Now()}
+	dst := metrics.Label{Name: "dst", Value: p.service}
 	hctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeoutOrDefault())
 	tc := tls.Server(conn, tlsCfg)
 	err := tc.HandshakeContext(hctx)
@@ -409,14 +537,22 @@ func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *publicList
 		tc.Close()
 		var denied *DeniedError
 		if errors.As(err, &denied) {
-			p.log.Info("inbound connection denied", "source", denied.Source.String(), "reason", denied.Reason, "remote", conn.RemoteAddr().String())
-			p.metrics.IncrCounterWithLabels([]string{"inbound", "denied"}, 1, []metrics.Label{{Name: "src", Value: denied.Source.Service}, {Name: "dst", Value: p.service}})
+			rec.source, rec.reason, rec.detail = denied.Source.String(), ReasonDenied, denied.Reason
+			if !p.accessLogged(ReasonDenied) {
+				p.log.Info("inbound connection denied", "source", denied.Source.String(), "reason", denied.Reason, "remote", rec.remote)
+			}
+			p.metrics.IncrCounter(metrics.InboundDenied, 1, []metrics.Label{{Name: "src", Value: denied.Source.Service}, dst})
+			p.logAccess(rec)
 			return
 		}
-		p.log.Debug("inbound handshake failed", "remote", conn.RemoteAddr().String(), "error", err)
-		p.metrics.IncrCounterWithLabels([]string{"inbound", "handshake_failed"}, 1, []metrics.Label{{Name: "dst", Value: p.service}})
+		reason, label := handshakeFailure(err)
+		p.log.Debug("inbound handshake failed", "remote", rec.remote, "reason", label, "error", err)
+		p.metrics.IncrCounter(metrics.InboundHandshakeFailed, 1, []metrics.Label{dst, {Name: "reason", Value: label}})
+		rec.reason, rec.detail = reason, err.Error()
+		p.logAccess(rec)
 		return
 	}
+	rec.source = peerID(tc)
 	// The peer is authenticated and authorized; only now is the app dialed.
 	network, addr := "tcp", cfg.LocalServiceAddress
 	if strings.HasPrefix(addr, "unix:") {
@@ -427,20 +563,13 @@ func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *publicList
 	if err != nil {
 		p.log.Warn("dialing local app failed", "app", addr, "error", err)
 		tc.Close()
+		rec.reason, rec.detail = appDialFailure(err), err.Error()
+		p.metrics.IncrCounter(metrics.InboundAppDialFailed, 1, []metrics.Label{dst, {Name: "reason", Value: rec.reason}})
+		p.logAccess(rec)
 		return
 	}
-	labels := []metrics.Label{{Name: "dst", Value: p.service}}
-	p.metrics.IncrCounterWithLabels([]string{"inbound", "conns"}, 1, labels)
+	p.proxy(conn, tc, app, pl.stats, rec, release, nil)
 	handedOff = true
-	Start(tc, app, p.opts.HalfCloseTimeout, func(res Result) {
-		defer release()
-		p.metrics.IncrCounterWithLabels([]string{"inbound", "rx_bytes"}, float32(res.AToB), labels)
-		p.metrics.IncrCounterWithLabels([]string{"inbound", "tx_bytes"}, float32(res.BToA), labels)
-		if res.Err != nil && !isClosed(res.Err) {
-			src := tc.ConnectionState().PeerCertificates[0].URIs[0].String()
-			p.log.Debug("inbound connection ended with error", "source", src, "error", res.Err, "duration", time.Since(start))
-		}
-	})
 }
 
 func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *upstreamListener, release func()) {
@@ -450,6 +579,10 @@ func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *upstreamL
 			release()
 		}
 	}()
+	rec := &accessRecord{dir: "upstream", dest: ul.cfg.String(), remote: addrString(conn.RemoteAddr()), start: time.Now()}
+	if b := p.src.Bundle(); b != nil {
+		rec.source = b.Identity.String()
+	}
 	// Right after start the first endpoint answer may still be on its way;
 	// wait for it within the connect timeout rather than fail.
 	select {
@@ -463,24 +596,51 @@ func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *upstreamL
 		}
 		t.Stop()
 	}
-	tc, ep, releaseEndpoint, err := ul.up.Dial(ctx)
+	var attempts atomic.Int32
+	tc, ep, releaseEndpoint, err := ul.up.Dial(context.WithValue(ctx, attemptsKey{}, &attempts))
+	rec.attempts = attempts.Load()
+	if n := rec.attempts; n > 1 {
+		p.metrics.IncrCounter(metrics.UpstreamDialRetries, float32(n-1), ul.stats.labels)
+	}
 	if err != nil {
-		p.log.Warn("upstream dial failed", "upstream", ul.cfg.String(), "error", err)
-		p.metrics.IncrCounterWithLabels([]string{"upstream", "dial_failed"}, 1, []metrics.Label{{Name: "dst", Value: ul.cfg.DestinationName}})
 		conn.Close()
+		rec.reason, rec.detail = ReasonUpstreamDialFailed, err.Error()
+		if ctx.Err() != nil {
+			rec.reason = ReasonShutdown
+		} else {
+			p.log.Warn("upstream dial failed", "upstream", ul.cfg.String(), "error", err)
+			p.metrics.IncrCounter(metrics.UpstreamDialFailed, 1, ul.stats.labels)
+		}
+		p.logAccess(rec)
 		return
 	}
-	labels := []metrics.Label{{Name: "src", Value: p.service}, {Name: "dst_type", Value: ul.cfg.Type()}, {Name: "dst", Value: ul.cfg.DestinationName}}
-	p.metrics.IncrCounterWithLabels([]string{"upstream", "conns"}, 1, labels)
+	rec.endpoint = ep.Addr
+	p.proxy(conn, conn, tc, ul.stats, rec, release, releaseEndpoint)
 	handedOff = true
-	Start(conn, tc, p.opts.HalfCloseTimeout, func(res Result) {
+}
+
+// proxy hands an accepted connection (raw, as the listener tracks it; a
+// is what to copy from, the TLS side for inbound) and its dialed peer b to
+// the copy loop, and does the accounting and the access log at the end.
+func (p *Proxy) proxy(raw, a, b net.Conn, l *lstats, rec *accessRecord, release, releaseEndpoint func()) {
+	lc := &liveConn{}
+	l.srv.attach(raw, lc)
+	l.opened(p.metrics)
+	StartCounted(a, b, p.opts.HalfCloseTimeout, &lc.ctr, func(res Result) {
 		defer release()
-		defer releaseEndpoint()
-		p.metrics.IncrCounterWithLabels([]string{"upstream", "tx_bytes"}, float32(res.AToB), labels)
-		p.metrics.IncrCounterWithLabels([]string{"upstream", "rx_bytes"}, float32(res.BToA), labels)
-		if res.Err != nil && !isClosed(res.Err) {
-			p.log.Debug("upstream connection ended with error", "upstream", ul.cfg.String(), "endpoint", ep.Addr, "error", res.Err)
+		if releaseEndpoint != nil {
+			defer releaseEndpoint()
 		}
+		rx, tx := lc.take(res.AToB, res.BToA)
+		l.account(p.metrics, rx, tx)
+		l.closed(p.metrics, rec.start)
+		rec.rx, rec.tx = res.AToB, res.BToA
+		rec.reason, rec.detail = closeReason(res.Err, l.srv)
+		if res.Err != nil && !isClosed(res.Err) {
+			p.log.Debug(rec.dir+" connection ended with error", "source", rec.source, "destination", rec.dest,
+				"endpoint", rec.endpoint, "error", res.Err, "duration", time.Since(rec.start))
+		}
+		p.logAccess(rec)
 	})
 }
 
@@ -498,6 +658,7 @@ func (p *Proxy) Shutdown(ctx context.Context) {
 	}
 	p.mu.Unlock()
 	p.ready.Store(false)
+	p.setPhase(phaseStopping)
 	var wg sync.WaitGroup
 	for _, s := range srvs {
 		wg.Go(func() { s.Shutdown(ctx) })

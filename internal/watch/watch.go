@@ -5,6 +5,7 @@ package watch
 
 import (
 	"context"
+	"errors"
 	"math/rand/v2"
 	"time"
 
@@ -40,14 +41,48 @@ func (b Backoff) delay(failures int) time.Duration {
 	return d/2 + rand.N(d/2+1)
 }
 
+// Observer is told the outcome of every query of every Loop run under a
+// context that carries it (WithObserver): err is nil on success. It is how
+// the proxy counts watch errors and notices that the agent went away
+// without each watching package exporting its own status. Implementations
+// must be fast and safe for concurrent use.
+type Observer interface {
+	WatchResult(what string, err error)
+}
+
+// ErrStopped is reported to the Observer when a Loop returns, so that it
+// can forget the watch (an upstream removed by reconfiguration).
+var ErrStopped = errors.New("watch stopped")
+
+type observerKey struct{}
+
+// WithObserver returns a context under which every Loop reports to o.
+func WithObserver(ctx context.Context, o Observer) context.Context {
+	return context.WithValue(ctx, observerKey{}, o)
+}
+
+// ObserverFrom returns the Observer ctx carries, or nil.
+func ObserverFrom(ctx context.Context) Observer {
+	o, _ := ctx.Value(observerKey{}).(Observer)
+	return o
+}
+
 // Loop calls fn until ctx is done. index starts at 0 and follows what fn
 // returns; if the index goes backwards (the agent restarted and lost its
-// state) it restarts from 0 as Consul's docs require.
+// state) it restarts from 0 as Consul's docs require. Every outcome except
+// the cancellation of ctx is reported to ctx's Observer, if any.
 func Loop(ctx context.Context, log hclog.Logger, what string, b Backoff, fn Func) {
 	var index uint64
 	failures := 0
+	obs := ObserverFrom(ctx)
+	if obs != nil {
+		defer obs.WatchResult(what, ErrStopped)
+	}
 	for ctx.Err() == nil {
 		next, err := fn(ctx, index)
+		if ctx.Err() == nil && obs != nil {
+			obs.WatchResult(what, err)
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return

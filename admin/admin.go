@@ -1,0 +1,310 @@
+// Package admin serves strait's admin HTTP listener (-admin-bind): health
+// (/ready, /live), Prometheus metrics (/metrics), and JSON views of the
+// process (/stats), certificates (/certs), upstreams (/upstreams),
+// intentions (/intentions) and the effective configuration (/config, with
+// secrets redacted), plus net/http/pprof under /debug/pprof/ when enabled.
+// Every endpoint is GET-only and documented in docs/operations.md.
+package admin
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"os"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/straitproxy/strait/authz"
+	"github.com/straitproxy/strait/config"
+	"github.com/straitproxy/strait/metrics"
+	"github.com/straitproxy/strait/proxy"
+)
+
+// DefaultAddr is -admin-bind's default.
+const DefaultAddr = "127.0.0.1:19100"
+
+// Proxy is what the admin endpoints read from the running proxy
+// (implemented by *proxy.Proxy).
+type Proxy interface {
+	Readiness() proxy.Readiness
+	Listeners() []proxy.ListenerStats
+	Certs() (proxy.CertInfo, bool)
+	Upstreams() []proxy.UpstreamStatus
+	Intentions() (authz.Snapshot, bool)
+	Config() *config.Config
+}
+
+var _ Proxy = (*proxy.Proxy)(nil)
+
+// Options configure the admin server.
+type Options struct {
+	Proxy   Proxy            // required
+	Metrics *metrics.Metrics // required
+	// Settings are the process's options, shown by /config (redacted).
+	Settings Settings
+	// Pprof mounts net/http/pprof under /debug/pprof/.
+	Pprof  bool
+	Logger hclog.Logger
+	// Started is the process start, for uptime; zero means now.
+	Started time.Time
+}
+
+// Server is a bound admin listener.
+type Server struct {
+	opts Options
+	ln   net.Listener
+	srv  *http.Server
+}
+
+// Handler returns the admin endpoints as an http.Handler.
+func Handler(opts Options) http.Handler {
+	if opts.Logger == nil {
+		opts.Logger = hclog.NewNullLogger()
+	}
+	if opts.Started.IsZero() {
+		opts.Started = time.Now()
+	}
+	h := &handlers{opts: opts}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", h.index)
+	mux.HandleFunc("GET /ready", h.ready)
+	mux.HandleFunc("GET /live", h.live)
+	mux.HandleFunc("GET /metrics", h.metrics)
+	mux.HandleFunc("GET /stats", h.stats)
+	mux.HandleFunc("GET /certs", h.certs)
+	mux.HandleFunc("GET /upstreams", h.upstreams)
+	mux.HandleFunc("GET /intentions", h.intentions)
+	mux.HandleFunc("GET /config", h.config)
+	if opts.Pprof {
+		MountPprof(mux)
+	}
+	return mux
+}
+
+// Listen binds addr and serves the admin endpoints on it until Close. It
+// binds before returning, so that /ready can answer 503 while the proxy is
+// still waiting for certificates.
+func Listen(addr string, opts Options) (*Server, error) {
+	if opts.Logger == nil {
+		opts.Logger = hclog.NewNullLogger()
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{opts: opts, ln: ln, srv: &http.Server{
+		Handler:           Handler(opts),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          opts.Logger.StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true}),
+	}}
+	go func() {
+		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			opts.Logger.Error("admin listener stopped", "error", err)
+		}
+	}()
+	opts.Logger.Info("admin listening", "addr", ln.Addr().String(), "pprof", opts.Pprof)
+	return s, nil
+}
+
+// Addr is the bound address.
+func (s *Server) Addr() net.Addr { return s.ln.Addr() }
+
+// Close stops the listener and open requests.
+func (s *Server) Close() error { return s.srv.Close() }
+
+type handlers struct{ opts Options }
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.SetEscapeHTML(false)
+	_ = enc.Encode(v)
+}
+
+var endpoints = []string{"/ready", "/live", "/metrics", "/stats", "/certs", "/upstreams", "/intentions", "/config"}
+
+func (h *handlers) index(w http.ResponseWriter, r *http.Request) {
+	eps := endpoints
+	if h.opts.Pprof {
+		eps = append(eps[:len(eps):len(eps)], "/debug/pprof/")
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"endpoints": eps})
+}
+
+// ready is 200 once the proxy serves (even if degraded), 503 otherwise;
+// the body is proxy.Readiness.
+func (h *handlers) ready(w http.ResponseWriter, r *http.Request) {
+	rd := h.opts.Proxy.Readiness()
+	status := http.StatusOK
+	if !rd.Ready {
+		status = http.StatusServiceUnavailable
+	}
+	writeJSON(w, status, rd)
+}
+
+// live is 200 while the process can answer HTTP at all.
+func (h *handlers) live(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]any{"live": true})
+}
+
+func (h *handlers) metrics(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", metrics.PrometheusContentType)
+	w.Header().Set("Cache-Control", "no-store")
+	if err := h.opts.Metrics.WritePrometheus(w); err != nil {
+		h.opts.Logger.Debug("writing /metrics", "error", err)
+	}
+}
+
+// Stats is /stats.
+type Stats struct {
+	StartedAt     time.Time             `json:"started_at"`
+	UptimeSeconds int64                 `json:"uptime_seconds"`
+	Goroutines    int                   `json:"goroutines"`
+	OpenFDs       int                   `json:"open_fds"` // -1 where /proc/self/fd cannot be read
+	RlimitNofile  *Rlimit               `json:"rlimit_nofile,omitempty"`
+	HeapBytes     uint64                `json:"heap_alloc_bytes"`
+	SysBytes      uint64                `json:"sys_bytes"`
+	Listeners     []proxy.ListenerStats `json:"listeners"`
+	// Totals over every listener.
+	ActiveConnections int   `json:"active_connections"`
+	RxBytes           int64 `json:"rx_bytes"`
+	TxBytes           int64 `json:"tx_bytes"`
+}
+
+// Rlimit is RLIMIT_NOFILE.
+type Rlimit struct {
+	Soft uint64 `json:"soft"`
+	Hard uint64 `json:"hard"`
+}
+
+func (h *handlers) stats(w http.ResponseWriter, r *http.Request) {
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	s := Stats{
+		StartedAt:     h.opts.Started.UTC(),
+		UptimeSeconds: int64(time.Since(h.opts.Started).Seconds()),
+		Goroutines:    runtime.NumGoroutine(),
+		OpenFDs:       openFDs(),
+		RlimitNofile:  rlimitNofile(),
+		HeapBytes:     ms.HeapAlloc,
+		SysBytes:      ms.Sys,
+		Listeners:     h.opts.Proxy.Listeners(),
+	}
+	for _, l := range s.Listeners {
+		s.ActiveConnections += l.Active
+		s.RxBytes += l.RxBytes
+		s.TxBytes += l.TxBytes
+	}
+	writeJSON(w, http.StatusOK, s)
+}
+
+// openFDs counts /proc/self/fd, minus the descriptor used to read it.
+func openFDs() int {
+	f, err := os.Open("/proc/self/fd")
+	if err != nil {
+		return -1
+	}
+	defer f.Close()
+	names, err := f.Readdirnames(-1)
+	if err != nil {
+		return -1
+	}
+	return len(names) - 1
+}
+
+func (h *handlers) certs(w http.ResponseWriter, r *http.Request) {
+	c, ok := h.opts.Proxy.Certs()
+	if !ok {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]any{"error": "certificates not loaded yet"})
+		return
+	}
+	writeJSON(w, http.StatusOK, c)
+}
+
+func (h *handlers) upstreams(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]any{"upstreams": h.opts.Proxy.Upstreams()})
+}
+
+func (h *handlers) intentions(w http.ResponseWriter, r *http.Request) {
+	s, ok := h.opts.Proxy.Intentions()
+	if !ok {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]any{"error": "intentions not loaded yet"})
+		return
+	}
+	writeJSON(w, http.StatusOK, s)
+}
+
+func (h *handlers) config(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, configView(h.opts.Settings, h.opts.Proxy.Config(), h.opts.Metrics.Telemetry()))
+}
+
+// MountPprof registers net/http/pprof's handlers under /debug/pprof/ on
+// mux. /debug/pprof/cmdline is redacted: strait's command line may carry
+// -token.
+func MountPprof(mux *http.ServeMux) {
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+}
+
+func cmdline(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	_, _ = w.Write([]byte(strings.Join(RedactArgs(os.Args), "\x00")))
+}
+
+// RedactArgs replaces the value of -token (in every flag form) with
+// "<redacted>".
+func RedactArgs(args []string) []string {
+	out := make([]string, len(args))
+	copy(out, args)
+	for i := 0; i < len(out); i++ {
+		a := out[i]
+		name := strings.TrimLeft(a, "-")
+		if name == a { // not a flag
+			continue
+		}
+		if n, _, ok := strings.Cut(name, "="); ok {
+			if n == "token" {
+				out[i] = a[:len(a)-len(name)] + "token=" + Redacted
+			}
+			continue
+		}
+		if name == "token" && i+1 < len(out) {
+			out[i+1] = Redacted
+			i++
+		}
+	}
+	return out
+}
+
+// ServePprof serves MountPprof's handlers alone on addr (-pprof-addr) until
+// ctx is done.
+func ServePprof(ctx context.Context, addr string, log hclog.Logger) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	mux := http.NewServeMux()
+	MountPprof(mux)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("pprof server stopped", "error", err)
+		}
+	}()
+	go func() { <-ctx.Done(); srv.Close() }()
+	log.Info("pprof listening", "addr", ln.Addr().String())
+	return nil
+}

@@ -1,0 +1,5 @@
+//go:build !unix
+
+package admin
+
+func rlimitNofile() *Rlimit { return nil }

@@ -1,0 +1,194 @@
+package metrics
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	gometrics "github.com/armon/go-metrics"
+	"github.com/hashicorp/go-hclog"
+)
+
+// Label is go-metrics' label type.
+type Label = gometrics.Label
+
+// Options configure New. The zero value is valid.
+type Options struct {
+	// Logger for the push sinks' connection trouble; nil discards.
+	Logger hclog.Logger
+	// GaugeTTL is PromSink.GaugeTTL.
+	GaugeTTL time.Duration
+}
+
+// Metrics is what strait's packages emit to. It is safe for concurrent use;
+// an emission costs one atomic load plus the sinks' own work (no global
+// lock).
+type Metrics struct {
+	log  hclog.Logger
+	prom *PromSink
+
+	mu  sync.Mutex // Configure and EmitRuntimeStats
+	cur atomic.Pointer[state]
+}
+
+type state struct {
+	tel  Telemetry
+	prom *gometrics.Metrics // PromSink, no hostname in names
+	push *gometrics.Metrics // statsd family with Consul's rules; nil if none
+	dog  *dogStatsd
+}
+
+// New returns a Metrics feeding only its Prometheus sink, with no prefix,
+// until Configure adds the telemetry block's sinks.
+func New(opts Options) *Metrics {
+	m := &Metrics{log: opts.Logger, prom: NewPromSink()}
+	if m.log == nil {
+		m.log = hclog.NewNullLogger()
+	}
+	m.prom.GaugeTTL = opts.GaugeTTL
+	m.prom.Help = helpFor("")
+	st, _ := m.build(Telemetry{})
+	m.cur.Store(st)
+	return m
+}
+
+// Discard returns a Metrics for tests and callers that do not care: it
+// keeps series in its Prometheus sink and sends nothing anywhere.
+func Discard() *Metrics { return New(Options{}) }
+
+func goConfig(prefix string, t Telemetry) *gometrics.Config {
+	c := &gometrics.Config{
+		ServiceName:      prefix,
+		TimerGranularity: time.Millisecond,
+		FilterDefault:    t.FilterDefault == nil || *t.FilterDefault,
+		AllowedPrefixes:  t.AllowedPrefixes,
+		BlockedPrefixes:  t.BlockedPrefixes,
+		// Runtime metrics are emitted by EmitRuntimeStats on strait's
+		// shared flush, not by a goroutine per instance that never stops.
+		EnableRuntimeMetrics: false,
+	}
+	return c
+}
+
+func (m *Metrics) build(t Telemetry) (*state, error) {
+	st := &state{tel: t}
+	var err error
+	if st.prom, err = gometrics.New(goConfig(t.MetricsPrefix, t), m.prom); err != nil {
+		return nil, err
+	}
+	var sinks gometrics.FanoutSink
+	hostname, _ := os.Hostname()
+	if t.StatsdAddr != "" {
+		s, err := gometrics.NewStatsdSink(t.StatsdAddr)
+		if err != nil {
+			return nil, fmt.Errorf("statsd sink: %w", err)
+		}
+		sinks = append(sinks, s)
+	}
+	if t.StatsiteAddr != "" {
+		s, err := gometrics.NewStatsiteSink(t.StatsiteAddr)
+		if err != nil {
+			return nil, fmt.Errorf("statsite sink: %w", err)
+		}
+		sinks = append(sinks, s)
+	}
+	if t.DogstatsdAddr != "" {
+		st.dog = newDogStatsd(t.DogstatsdAddr, hostname, t.DogstatsdTags, m.log.Named("dogstatsd"))
+		sinks = append(sinks, st.dog)
+	}
+	if len(sinks) > 0 {
+		c := goConfig(t.MetricsPrefix, t)
+		c.HostName = hostname
+		c.EnableHostname = t.DisableHostname == nil || !*t.DisableHostname
+		if st.push, err = gometrics.New(c, sinks); err != nil {
+			return nil, err
+		}
+	}
+	return st, nil
+}
+
+// Configure applies a telemetry block: prefix, filters and push sinks. It is
+// meant to be called once, with the first configuration (the built-in proxy
+// also applies telemetry only at start); a second call replaces the
+// configuration but cannot stop go-metrics' statsd and statsite senders of
+// the first. A changed prefix empties the Prometheus sink so that no series
+// is exposed under two names.
+func (m *Metrics) Configure(t Telemetry) error {
+	if err := t.Validate(); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	st, err := m.build(t)
+	if err != nil {
+		return err
+	}
+	old := m.cur.Swap(st)
+	if old.tel.MetricsPrefix != t.MetricsPrefix {
+		m.prom.Reset()
+		m.prom.Help = helpFor(t.MetricsPrefix)
+	}
+	if old.dog != nil {
+		old.dog.Close()
+	}
+	return nil
+}
+
+// Telemetry returns the configuration in effect.
+func (m *Metrics) Telemetry() Telemetry { return m.cur.Load().tel }
+
+// IncrCounter adds val to a counter.
+func (m *Metrics) IncrCounter(key []string, val float32, labels []Label) {
+	st := m.cur.Load()
+	st.prom.IncrCounterWithLabels(key, val, labels)
+	if st.push != nil {
+		st.push.IncrCounterWithLabels(key, val, labels)
+	}
+}
+
+// SetGauge sets a gauge.
+func (m *Metrics) SetGauge(key []string, val float32, labels []Label) {
+	st := m.cur.Load()
+	st.prom.SetGaugeWithLabels(key, val, labels)
+	if st.push != nil {
+		st.push.SetGaugeWithLabels(key, val, labels)
+	}
+}
+
+// AddSample records one observation of a summary (timer).
+func (m *Metrics) AddSample(key []string, val float32, labels []Label) {
+	st := m.cur.Load()
+	st.prom.AddSampleWithLabels(key, val, labels)
+	if st.push != nil {
+		st.push.AddSampleWithLabels(key, val, labels)
+	}
+}
+
+// MeasureSince records the milliseconds since start in a summary.
+func (m *Metrics) MeasureSince(key []string, start time.Time, labels []Label) {
+	m.AddSample(key, float32(time.Since(start).Nanoseconds())/float32(time.Millisecond), labels)
+}
+
+// EmitRuntimeStats emits go-metrics' runtime.* gauges (goroutines, memory,
+// GC). strait calls it on its shared flush.
+func (m *Metrics) EmitRuntimeStats() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	st := m.cur.Load()
+	st.prom.EmitRuntimeStats()
+	if st.push != nil {
+		st.push.EmitRuntimeStats()
+	}
+}
+
+// WritePrometheus writes the Prometheus text exposition of every series.
+func (m *Metrics) WritePrometheus(w io.Writer) error {
+	_, err := m.prom.WriteTo(w)
+	return err
+}
+
+// PrometheusContentType is the Content-Type of WritePrometheus's output.
+const PrometheusContentType = "text/plain; version=0.0.4; charset=utf-8"

@@ -1,0 +1,218 @@
+package proxy
+
+import (
+	"context"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/straitproxy/strait/metrics"
+)
+
+// DefaultFlushInterval is how often live connections' bytes and the gauges
+// are reported (Options.FlushInterval).
+const DefaultFlushInterval = 5 * time.Second
+
+// lstats is one listener's accounting, shared by its handlers, the shared
+// flush and the admin endpoints. It outlives the listener's place in the
+// Proxy while its connections drain.
+type lstats struct {
+	name, kind, addr string // kind is "inbound" or "upstream"
+	srv              *server
+	labels           []metrics.Label
+	gauge            *connGauge
+	rxKey, txKey     []string
+	durKey           []string
+	ul               *upstreamListener // upstream listeners only
+
+	proxied  atomic.Int64
+	rx, tx   atomic.Int64 // bytes reported so far
+	draining atomic.Bool
+}
+
+// liveConn is a proxied connection's byte counts: live ones from the copy
+// loop and what has been reported of them. The flush and the close take
+// the difference under mu, so nothing is counted twice.
+type liveConn struct {
+	ctr    Counters
+	mu     sync.Mutex
+	rx, tx int64
+}
+
+// take marks rx and tx (cumulative) as reported and returns what was not.
+func (lc *liveConn) take(rx, tx int64) (drx, dtx int64) {
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	drx, dtx = max(rx-lc.rx, 0), max(tx-lc.tx, 0)
+	lc.rx, lc.tx = max(rx, lc.rx), max(tx, lc.tx)
+	return drx, dtx
+}
+
+// account reports bytes: one counter increment per direction.
+func (l *lstats) account(m *metrics.Metrics, rx, tx int64) {
+	if rx > 0 {
+		l.rx.Add(rx)
+		m.IncrCounter(l.rxKey, float32(rx), l.labels)
+	}
+	if tx > 0 {
+		l.tx.Add(tx)
+		m.IncrCounter(l.txKey, float32(tx), l.labels)
+	}
+}
+
+func (l *lstats) opened(m *metrics.Metrics) {
+	l.proxied.Add(1)
+	l.gauge.add(m, 1)
+}
+
+func (l *lstats) closed(m *metrics.Metrics, start time.Time) {
+	l.gauge.add(m, -1)
+	m.MeasureSince(l.durKey, start, l.labels)
+}
+
+// connGauge is the built-in proxy's *.conns gauge: open proxied
+// connections, per label set (so a listener rebound while the old one
+// drains, or two upstreams of one service in two datacenters, count
+// together instead of overwriting each other).
+type connGauge struct {
+	key    []string
+	labels []metrics.Label
+	n      atomic.Int64
+}
+
+func (g *connGauge) add(m *metrics.Metrics, d int64) {
+	m.SetGauge(g.key, float32(g.n.Add(d)), g.labels)
+}
+
+func (g *connGauge) emit(m *metrics.Metrics) { m.SetGauge(g.key, float32(g.n.Load()), g.labels) }
+
+func labelKey(key []string, labels []metrics.Label) string {
+	s := ""
+	for _, k := range key {
+		s += k + "."
+	}
+	for _, l := range labels {
+		s += "|" + l.Name + "=" + l.Value
+	}
+	return s
+}
+
+// gaugeFor returns the shared gauge of a label set. p.mu is held.
+func (p *Proxy) gaugeFor(key []string, labels []metrics.Label) *connGauge {
+	k := labelKey(key, labels)
+	g := p.gauges[k]
+	if g == nil {
+		g = &connGauge{key: key, labels: labels}
+		p.gauges[k] = g
+	}
+	return g
+}
+
+// newStats registers a listener's accounting. p.mu is held.
+func (p *Proxy) newStats(kind, name string, srv *server, labels []metrics.Label) *lstats {
+	l := &lstats{name: name, kind: kind, addr: srv.Addr().String(), srv: srv, labels: labels}
+	if kind == "inbound" {
+		l.rxKey, l.txKey, l.durKey = metrics.InboundRxBytes, metrics.InboundTxBytes, metrics.InboundDuration
+		l.gauge = p.gaugeFor(metrics.InboundConns, labels)
+	} else {
+		l.rxKey, l.txKey, l.durKey = metrics.UpstreamRxBytes, metrics.UpstreamTxBytes, metrics.UpstreamDuration
+		l.gauge = p.gaugeFor(metrics.UpstreamConns, labels)
+	}
+	p.listeners[l] = struct{}{}
+	return l
+}
+
+// forget drops a drained listener's accounting.
+func (p *Proxy) forget(l *lstats) {
+	p.mu.Lock()
+	delete(p.listeners, l)
+	p.mu.Unlock()
+}
+
+// flushLoop is the shared flush: one ticker for the whole proxy, never one
+// per connection.
+func (p *Proxy) flushLoop() {
+	d := p.opts.FlushInterval
+	if d <= 0 {
+		d = DefaultFlushInterval
+	}
+	t := time.NewTicker(d)
+	defer t.Stop()
+	p.flush()
+	for {
+		select {
+		case <-p.ctx.Done():
+			return
+		case <-t.C:
+			p.flush()
+		}
+	}
+}
+
+// flush reports the bytes live connections moved since the last report
+// (one increment per listener and direction), re-emits the gauges, and
+// emits the runtime metrics.
+func (p *Proxy) flush() {
+	p.mu.Lock()
+	ls := make([]*lstats, 0, len(p.listeners))
+	// Only the gauges of listeners still there (draining ones included):
+	// a removed upstream's series stops being emitted and expires.
+	gauges := map[*connGauge]struct{}{}
+	for l := range p.listeners {
+		ls = append(ls, l)
+		gauges[l.gauge] = struct{}{}
+	}
+	src := p.src
+	p.mu.Unlock()
+
+	var buf []*liveConn
+	for _, l := range ls {
+		buf = l.srv.live(buf[:0])
+		var rx, tx int64
+		for _, lc := range buf {
+			r, t := lc.take(lc.ctr.AToB.Load(), lc.ctr.BToA.Load())
+			rx += r
+			tx += t
+		}
+		l.account(p.metrics, rx, tx)
+		if l.ul != nil && !l.draining.Load() {
+			healthy, ejected := 0, 0
+			for _, e := range l.ul.up.Endpoints() {
+				healthy++
+				if !e.EjectedUntil.IsZero() {
+					ejected++
+				}
+			}
+			p.metrics.SetGauge(metrics.UpstreamHealthyEndpoints, float32(healthy), l.labels)
+			p.metrics.SetGauge(metrics.UpstreamEjectedEndpoints, float32(ejected), l.labels)
+		}
+	}
+	for g := range gauges {
+		g.emit(p.metrics)
+	}
+	if src != nil {
+		if b := src.Bundle(); b != nil {
+			p.metrics.SetGauge(metrics.LeafExpiry, float32(time.Until(b.NotAfter).Seconds()),
+				[]metrics.Label{{Name: "service", Value: p.service}})
+		}
+	}
+	p.metrics.EmitRuntimeStats()
+}
+
+// attemptsKey carries a per-connection dial attempt counter into
+// upstream.Dial's context, where countDial finds it.
+type attemptsKey struct{}
+
+// countDial is the upstream dialer's ControlContext: it runs once per TCP
+// connection attempt, so a connection's attempts (and retries) are counted
+// without package upstream having to report them.
+func countDial(ctx context.Context, _, _ string, _ syscall.RawConn) error {
+	if n, ok := ctx.Value(attemptsKey{}).(*atomic.Int32); ok {
+		n.Add(1)
+	}
+	return nil
+}
+
+func newUpstreamDialer() *net.Dialer { return &net.Dialer{ControlContext: countDial} }
