@@ -10,17 +10,21 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	stdlog "log"
 	"net"
-	"net/http"
-	"net/http/pprof"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/straitproxy/strait/admin"
 	"github.com/straitproxy/strait/config"
+	"github.com/straitproxy/strait/internal/lifecycle"
+	"github.com/straitproxy/strait/internal/watch"
+	"github.com/straitproxy/strait/metrics"
 	"github.com/straitproxy/strait/proxy"
 	"github.com/straitproxy/strait/tlsutil"
 )
@@ -68,6 +72,18 @@ type options struct {
 	ktls                      string
 	api                       config.API
 	flagsModeSet, registerSet bool
+
+	adminBind       string
+	adminBindSet    bool
+	adminPprof      bool
+	accessLog       string
+	statsdAddr      string
+	statsiteAddr    string
+	dogstatsdAddr   string
+	dogstatsdTags   string
+	metricsPrefix   string
+	disableHostname bool
+	disableHostSet  bool
 }
 
 func parseFlags(args []string) (*options, error) {
@@ -98,6 +114,15 @@ func parseFlags(args []string) (*options, error) {
 	fs.StringVar(&o.api.ClientKey, "client-key", "", "Client key for the agent's HTTPS. Env CONSUL_CLIENT_KEY.")
 	fs.StringVar(&o.api.TLSServerName, "tls-server-name", "", "Server name for the agent's HTTPS. Env CONSUL_TLS_SERVER_NAME.")
 	fs.StringVar(&o.api.Datacenter, "datacenter", "", "Datacenter for agent queries; defaults to the agent's.")
+	fs.StringVar(&o.adminBind, "admin-bind", admin.DefaultAddr, "Admin HTTP listener (/ready, /live, /metrics, /stats, ...) host:port, or off.")
+	fs.BoolVar(&o.adminPprof, "admin-pprof", false, "Also serve net/http/pprof under /debug/pprof/ on the admin listener.")
+	fs.StringVar(&o.accessLog, "access-log", string(proxy.AccessLogDeniedOnly), "Access log lines (logger \"access\"): off, on (every connection) or denied-only.")
+	fs.StringVar(&o.statsdAddr, "statsd-addr", "", "Send metrics to this statsd host:port (telemetry statsd_address).")
+	fs.StringVar(&o.statsiteAddr, "statsite-addr", "", "Send metrics to this statsite host:port (telemetry statsite_address).")
+	fs.StringVar(&o.dogstatsdAddr, "dogstatsd-addr", "", "Send metrics to this DogStatsD host:port or unix:///path (telemetry dogstatsd_addr).")
+	fs.StringVar(&o.dogstatsdTags, "dogstatsd-tags", "", "Comma-separated tags added to every DogStatsD metric (telemetry dogstatsd_tags).")
+	fs.StringVar(&o.metricsPrefix, "metrics-prefix", "", "Prefix of every metric name (telemetry metrics_prefix; default none, as the built-in proxy).")
+	fs.BoolVar(&o.disableHostname, "disable-hostname", false, "Keep the hostname out of statsd gauge names (telemetry disable_hostname).")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil, err
@@ -113,6 +138,10 @@ func parseFlags(args []string) (*options, error) {
 			o.flagsModeSet = true
 		case "register", "register-id":
 			o.registerSet = true
+		case "admin-bind":
+			o.adminBindSet = true
+		case "disable-hostname":
+			o.disableHostSet = true
 		}
 	})
 	return o, o.validate()
@@ -127,6 +156,22 @@ func (o *options) validate() error {
 	}
 	if hclog.LevelFromString(o.logLevel) == hclog.NoLevel {
 		return usagef("-log-level %q: want trace, debug, info, warn or error", o.logLevel)
+	}
+	if _, err := proxy.ParseAccessLog(o.accessLog); err != nil {
+		return usagef("-access-log %v", err)
+	}
+	if o.adminBind != "off" {
+		if _, _, err := net.SplitHostPort(o.adminBind); err != nil {
+			return usagef("-admin-bind %q: want host:port or off", o.adminBind)
+		}
+	}
+	for _, a := range []struct {
+		flag, addr string
+		unix       bool
+	}{{"-statsd-addr", o.statsdAddr, false}, {"-statsite-addr", o.statsiteAddr, false}, {"-dogstatsd-addr", o.dogstatsdAddr, true}} {
+		if err := metrics.ValidateAddr(a.flag, a.addr, a.unix); err != nil {
+			return usageError{err.Error()}
+		}
 	}
 	agentMode := o.proxyID != "" || o.sidecarFor != ""
 	switch {
@@ -177,6 +222,38 @@ func (o *options) flagsConfig() *config.Config {
 	return c
 }
 
+// telemetry is the flags' part of the telemetry configuration; the agent
+// registration's telemetry block applies under it.
+func (o *options) telemetry() metrics.Telemetry {
+	t := metrics.Telemetry{
+		StatsdAddr: o.statsdAddr, StatsiteAddr: o.statsiteAddr, DogstatsdAddr: o.dogstatsdAddr,
+		MetricsPrefix: o.metricsPrefix,
+	}
+	for _, tag := range strings.Split(o.dogstatsdTags, ",") {
+		if tag = strings.TrimSpace(tag); tag != "" {
+			t.DogstatsdTags = append(t.DogstatsdTags, tag)
+		}
+	}
+	if o.disableHostSet {
+		t.DisableHostname = &o.disableHostname
+	}
+	return t
+}
+
+// settings is what the admin listener's /config shows of the flags.
+func (o *options) settings(httpAddr string) admin.Settings {
+	mode := "flags"
+	if o.proxyID != "" || o.sidecarFor != "" {
+		mode = "agent"
+	}
+	return admin.Settings{
+		Mode: mode, ProxyID: o.proxyID, SidecarFor: o.sidecarFor, Register: o.register, RegisterID: o.registerID,
+		API: o.api, HTTPAddr: httpAddr, LogLevel: o.logLevel, LogJSON: o.logJSON, AccessLog: o.accessLog,
+		AdminBind: o.adminBind, AdminPprof: o.adminPprof, PprofAddr: o.pprofAddr,
+		ShutdownGrace: o.shutdownGrace, HalfCloseTimeout: o.halfCloseTimeout, TLSKex: o.tlsKex, KTLS: o.ktls,
+	}
+}
+
 func run(args []string, stdout, stderr io.Writer) int {
 	if len(args) > 0 && (args[0] == "version" || args[0] == "-version" || args[0] == "--version") {
 		fmt.Fprintf(stdout, "strait %s\n", version)
@@ -197,9 +274,24 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	client := agent.Client
+	started := time.Now()
 	log := hclog.New(&hclog.LoggerOptions{
 		Name: "strait", Level: hclog.LevelFromString(o.logLevel), JSONFormat: o.logJSON, Output: stderr,
+		IndependentLevels: true,
 	})
+	if soft, hard, err := lifecycle.RaiseNoFile(); err != nil {
+		log.Warn("could not raise the open-file limit", "error", err)
+	} else {
+		log.Info("open-file limit", "soft", soft, "hard", hard)
+	}
+	sd := lifecycle.New(log)
+	// The access log is governed by -access-log, not -log-level.
+	access := log.Named("access")
+	access.SetLevel(hclog.Info)
+	// go-metrics' statsd sinks and net/http report through the standard
+	// logger: keep their lines in strait's format.
+	stdlog.SetFlags(0)
+	stdlog.SetOutput(log.StandardWriter(&hclog.StandardLoggerOptions{InferLevels: true}))
 
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
@@ -208,15 +300,45 @@ func run(args []string, stdout, stderr io.Writer) int {
 	defer signal.Stop(sigs)
 
 	if o.pprofAddr != "" {
-		if err := servePprof(ctx, o.pprofAddr, log); err != nil {
+		if err := admin.ServePprof(ctx, o.pprofAddr, log); err != nil {
 			fmt.Fprintf(stderr, "strait: -pprof-addr: %v\n", err)
 			return 2
+		}
+	}
+
+	accessMode, _ := proxy.ParseAccessLog(o.accessLog)
+	curves, _ := tlsutil.KeyExchange(o.tlsKex)
+	m := metrics.New(metrics.Options{Logger: log.Named("metrics")})
+	p := proxy.New(proxy.Options{
+		KTLS: o.ktls, CurvePreferences: curves, Client: client, AgentConfig: agent.Config, Logger: log,
+		HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace,
+		Metrics: m, Telemetry: o.telemetry(), AccessLog: accessMode, AccessLogger: access,
+	})
+	// The admin listener binds before anything else starts, so that /ready
+	// answers 503 with the reason while strait waits for the agent.
+	if o.adminBind != "off" {
+		srv, err := admin.Listen(o.adminBind, admin.Options{
+			Proxy: p, Metrics: m, Pprof: o.adminPprof, Logger: log.Named("admin"), Started: started,
+			Settings: o.settings(agent.Config.Scheme + "://" + agent.Config.Address),
+		})
+		switch {
+		case err == nil:
+			defer srv.Close()
+		case o.adminBindSet:
+			fmt.Fprintf(stderr, "strait: -admin-bind: %v\n", err)
+			return 2
+		default:
+			// The default address cannot be bound (typically a second
+			// strait on this host): run without it rather than refuse to
+			// proxy where the built-in would run.
+			log.Warn("admin listener not started; give each strait its own -admin-bind", "addr", o.adminBind, "error", err)
 		}
 	}
 
 	cfgs := make(chan *config.Config, 1)
 	runCtx, stopRun := context.WithCancel(ctx)
 	defer stopRun()
+	watchCtx := watch.WithObserver(runCtx, p.WatchObserver()) // config watch failures show on /ready
 	// feeder delivers configurations; in flags mode with -register it also
 	// owns the registration and deregisters when runCtx ends.
 	feederDone := make(chan struct{})
@@ -234,7 +356,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		id := o.proxyID
 		for id == "" && runCtx.Err() == nil {
 			var err error
-			if id, err = config.SidecarFor(client, o.sidecarFor); err != nil {
+			id, err = config.SidecarFor(client, o.sidecarFor)
+			p.WatchObserver().WatchResult("sidecar-for "+o.sidecarFor, err)
+			if err != nil {
 				log.Error("finding the sidecar registration; retrying", "sidecar_for", o.sidecarFor, "error", err)
 				if !sleep(runCtx, 2*time.Second) {
 					return
@@ -242,13 +366,16 @@ func run(args []string, stdout, stderr io.Writer) int {
 			}
 		}
 		log.Info("agent mode", "proxy_id", id)
-		config.WatchAgent(runCtx, client, id, log.Named("config"), cfgs)
+		config.WatchAgent(watchCtx, client, id, log.Named("config"), cfgs)
 	}()
 
-	curves, _ := tlsutil.KeyExchange(o.tlsKex)
-	p := proxy.New(proxy.Options{KTLS: o.ktls, CurvePreferences: curves, Client: client, AgentConfig: agent.Config, Logger: log, HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace})
 	runErr := make(chan error, 1)
 	go func() { runErr <- p.Run(runCtx, cfgs) }()
+	// systemd (Type=notify): READY=1 once ready; watchdog pings only while
+	// the proxy can serve (an expired leaf stops them).
+	healthy := func() bool { return p.Readiness().Ready }
+	go sd.ReadyWhen(runCtx, healthy)
+	go sd.Watchdog(ctx, healthy)
 
 	for {
 		select {
@@ -261,10 +388,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 			runErr = nil
 		case s := <-sigs:
 			if s == syscall.SIGHUP {
-				reloadToken(agent, log)
+				sd.Reload(func() { reloadToken(agent, log) })
 				continue
 			}
 			log.Info("signal received; draining", "signal", s.String(), "grace", o.shutdownGrace)
+			sd.Stopping()
 			stopRun()
 			done := make(chan struct{})
 			go func() {
@@ -313,26 +441,4 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	case <-t.C:
 		return true
 	}
-}
-
-func servePprof(ctx context.Context, addr string, log hclog.Logger) error {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return err
-	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	go func() {
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Error("pprof server stopped", "error", err)
-		}
-	}()
-	go func() { <-ctx.Done(); srv.Close() }()
-	log.Info("pprof listening", "addr", ln.Addr().String())
-	return nil
 }

@@ -31,6 +31,11 @@ func TestInvalidInput(t *testing.T) {
 		{"bad ktls", []string{"-service", "web", "-ktls", "on"}, "-ktls"},
 		{"bad tls-kex", []string{"-service", "web", "-tls-kex", "rsa"}, "-tls-kex"},
 		{"duplicate bind", []string{"-service", "web", "-upstream", "a:9000", "-upstream", "b:9000"}, "two upstreams bind"},
+		{"bad access-log", []string{"-service", "web", "-access-log", "all"}, "-access-log"},
+		{"bad admin-bind", []string{"-service", "web", "-admin-bind", "19100"}, "-admin-bind"},
+		{"bad statsd-addr", []string{"-service", "web", "-statsd-addr", "localhost"}, "-statsd-addr"},
+		{"unix statsd-addr", []string{"-service", "web", "-statsd-addr", "unix:///run/statsd.sock"}, "only supported for dogstatsd"},
+		{"bad dogstatsd-addr", []string{"-service", "web", "-dogstatsd-addr", "unix://dsd.sock"}, "-dogstatsd-addr"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -47,6 +52,29 @@ func TestInvalidInput(t *testing.T) {
 				t.Fatalf("unexpected stdout %q", stdout.String())
 			}
 		})
+	}
+}
+
+// TestTelemetryFlags: flags become the telemetry overlay; -disable-hostname
+// only when given.
+func TestTelemetryFlags(t *testing.T) {
+	t.Parallel()
+	o, err := parseFlags([]string{"-service", "web", "-statsd-addr", "127.0.0.1:8125", "-dogstatsd-tags", "env:prod, team:a", "-metrics-prefix", "strait"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tel := o.telemetry()
+	if tel.StatsdAddr != "127.0.0.1:8125" || tel.MetricsPrefix != "strait" || len(tel.DogstatsdTags) != 2 || tel.DogstatsdTags[1] != "team:a" || tel.DisableHostname != nil {
+		t.Fatalf("telemetry %+v", tel)
+	}
+	if o, err = parseFlags([]string{"-service", "web", "-disable-hostname"}); err != nil {
+		t.Fatal(err)
+	}
+	if tel := o.telemetry(); tel.DisableHostname == nil || !*tel.DisableHostname {
+		t.Fatalf("-disable-hostname: %+v", tel)
+	}
+	if o.adminBind != "127.0.0.1:19100" || o.accessLog != "denied-only" {
+		t.Fatalf("defaults: admin %q access %q", o.adminBind, o.accessLog)
 	}
 }
 
