@@ -164,13 +164,16 @@ func (a *Authorizer) fetch(ctx context.Context, index uint64) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("authz: watch intentions for %q: %w", a.opts.Target, err)
 	}
-	a.install(meta.LastIndex, m[a.opts.Target])
+	// A non-blocking read (index 0: first load, or a resync after an
+	// error, when the agent may have restarted with lower indexes) always
+	// installs, even if its index happens to equal the one we hold.
+	a.install(meta.LastIndex, m[a.opts.Target], index == 0)
 	return meta.LastIndex, nil
 }
 
 // install replaces the state unless index is the one already loaded.
-func (a *Authorizer) install(index uint64, ixns []*api.Intention) {
-	if cur := a.state.Load(); cur.loaded && cur.index == index {
+func (a *Authorizer) install(index uint64, ixns []*api.Intention, force bool) {
+	if cur := a.state.Load(); !force && cur.loaded && cur.index == index {
 		return
 	}
 	st := &state{
@@ -239,6 +242,13 @@ func (a *Authorizer) ask(ctx context.Context, st *state, src tlsutil.Identity, s
 			ClientCertSerial: serial,
 		})
 		if err != nil {
+			// Agent unreachable: an expired answer for this source is
+			// still the best knowledge we have, as cached intentions are.
+			if d, ok := st.lookupStale(src); ok {
+				a.log.Debug("agent authorize failed; using the last answer", "source", uri, "error", err)
+				d.Reason += " (stale: agent unreachable)"
+				return d, nil
+			}
 			return Decision{}, fmt.Errorf("authz: agent authorize %s => %s: %w", uri, a.opts.Target, err)
 		}
 		d := agentDecision(res, v, st.loaded)
@@ -284,6 +294,14 @@ func (st *state) lookup(src tlsutil.Identity, now time.Time) (Decision, bool) {
 		return Decision{}, false
 	}
 	return c.Decision, true
+}
+
+// lookupStale returns src's cached answer even if it has expired.
+func (st *state) lookupStale(src tlsutil.Identity) (Decision, bool) {
+	st.mu.RLock()
+	c, ok := st.cached[src]
+	st.mu.RUnlock()
+	return c.Decision, ok
 }
 
 func (st *state) store(src tlsutil.Identity, d Decision, now time.Time, ttl time.Duration) {

@@ -525,8 +525,8 @@ func hotAuthorizer() *Authorizer {
 	}
 	ixns = append(ixns, ixn("default", "*", "default", "*", api.IntentionActionAllow))
 	ixns[5].DestinationName = "api" // not db: never matches, still scanned
-	a.install(1, ixns[:len(ixns)-1])
-	a.install(2, ixns)
+	a.install(1, ixns[:len(ixns)-1], false)
+	a.install(2, ixns, false)
 	a.state.Load().store(teamAPI, Decision{Allow: true, Default: true, Reason: "default: x"}, a.now(), time.Hour)
 	return a
 }
@@ -599,5 +599,31 @@ func TestDirectAgentOverUnixSocket(t *testing.T) {
 	wantDecision(t, authorize(t, a, web), true, false, "agent (intentions not loaded yet): Default intention policy")
 	if calls.Load() != 1 {
 		t.Errorf("%d calls, want 1", calls.Load())
+	}
+}
+
+// TestExpiredDefaultSurvivesAgentOutage: while the agent cannot answer, the
+// last answer for a source stays in force past its TTL, as the cached
+// intentions do; only a source never seen before fails.
+func TestExpiredDefaultSurvivesAgentOutage(t *testing.T) {
+	t.Parallel()
+	f := newFakeAgent(t, 5)
+	a := newAuthorizer(t, f, false, Options{DefaultTTL: time.Minute})
+	var clock atomic.Int64
+	clock.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
+	a.now = func() time.Time { return time.Unix(0, clock.Load()) }
+	run(t, a)
+	waitReady(t, a)
+	authorize(t, a, web)
+
+	f.setAuthorize(500, api.AgentAuthorize{}, nil) // the agent is failing
+	clock.Add(int64(2 * time.Minute))
+	d, err := a.Authorize(context.Background(), web, "")
+	if err != nil || !d.Allow || !strings.Contains(d.Reason, "stale") {
+		t.Fatalf("expired answer during an outage: %+v, %v; want the last allow, marked stale", d, err)
+	}
+	other := tlsutil.ServiceID(web.TrustDomain, "", "", "dc1", "never-seen")
+	if _, err := a.Authorize(context.Background(), other, ""); err == nil {
+		t.Fatal("a source never seen got a decision while the agent fails")
 	}
 }

@@ -73,7 +73,8 @@ func (p *Proxy) logAccess(r *accessRecord) {
 	case AccessLogOff:
 		return
 	case AccessLogDeniedOnly, "":
-		if r.reason != ReasonDenied {
+		// An authorization that could not be made refuses the peer too.
+		if r.reason != ReasonDenied && r.reason != ReasonAuthzError {
 			return
 		}
 	}

@@ -101,6 +101,10 @@ func Loop(ctx context.Context, log hclog.Logger, what string, b Backoff, fn Func
 				return
 			case <-t.C:
 			}
+			// Resynchronise with a non-blocking read: the agent may have
+			// restarted with lower indexes, and a blocking query on an
+			// index it has not reached yet would hang for the whole wait.
+			index = 0
 			continue
 		}
 		if failures > 0 {
