@@ -14,6 +14,12 @@
 //	               TestMain from ../cmd/strait)
 //	STRAIT_RACE=1  build strait with -race; any "DATA RACE" report in a
 //	               strait log fails the test that ran it
+//	STRAIT_IT_SCALE_CONNS  connections held by TestNineThousandConnections
+//	               (default 9000)
+//
+// When the strait binary has the -admin-bind flag, every strait a test
+// starts gets an admin listener on a port of its own (proc.adminAddr), since
+// the default 127.0.0.1:19100 would collide between parallel processes.
 package integration
 
 import (
@@ -55,9 +61,20 @@ var (
 	straitBin      string
 	straitBuildErr error
 	straitBuildOut string
+	// straitHasAdmin: the binary accepts -admin-bind (probed in TestMain).
+	straitHasAdmin bool
 )
 
 func TestMain(m *testing.M) {
+	if os.Getenv(echoAppEnv) != "" {
+		// Re-executed as a stand-alone echo app (see startEchoProcess).
+		os.Exit(echoAppMain())
+	}
+	if os.Getenv(execNoFileEnv) != "" {
+		// Re-executed to exec strait under a low soft RLIMIT_NOFILE (see
+		// startStraitNoFile); returns only on failure.
+		os.Exit(execWithNoFile())
+	}
 	code := func() int {
 		wd, err := os.Getwd()
 		if err != nil {
@@ -97,9 +114,23 @@ func TestMain(m *testing.M) {
 				fmt.Fprintf(os.Stderr, "integration: building strait failed: %v\n%s\n", err, out)
 			}
 		}
+		if straitBuildErr == nil {
+			straitHasAdmin = probeAdminFlag()
+			fmt.Fprintf(os.Stderr, "integration: strait -admin-bind supported: %v\n", straitHasAdmin)
+		}
 		return m.Run()
 	}()
 	os.Exit(code)
+}
+
+// probeAdminFlag reports whether strait defines -admin-bind: flag parsing
+// stops at the first unknown flag (exit 2) and "-h" exits 0.
+func probeAdminFlag() bool {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, straitBin, "-admin-bind", "off", "-h")
+	cmd.Env = cleanEnv()
+	return cmd.Run() == nil
 }
 
 // ---------------------------------------------------------------------------
@@ -181,6 +212,9 @@ type proc struct {
 	// strait processes are expected to exit cleanly on SIGTERM and never
 	// to report a data race or a panic.
 	strict bool
+	// adminAddr is strait's -admin-bind address, "" when the binary has no
+	// admin endpoint.
+	adminAddr string
 }
 
 func (p *proc) Pid() int { return p.cmd.Process.Pid }
@@ -322,6 +356,7 @@ func uniq(prefix string) string {
 
 type agent struct {
 	proc        *proc
+	args        []string // to restart it on the same ports and data dir
 	httpAddr    string
 	client      *api.Client
 	trustDomain string
@@ -375,14 +410,25 @@ func tryStartAgent(t testing.TB) (*agent, error) {
 		"-serf-wan-port", strconv.Itoa(ports[3]),
 		"-server-port", strconv.Itoa(ports[4]),
 	}
-	p := startProc(t, "consul-agent", consulBin, args, cleanEnv(), false)
-	a := &agent{proc: p, httpAddr: hostPort(ports[0])}
+	a := &agent{args: args, httpAddr: hostPort(ports[0])}
 	client, err := api.NewClient(&api.Config{Address: a.httpAddr, Scheme: "http"})
 	if err != nil {
 		return nil, err
 	}
 	a.client = client
-	err = poll(60*time.Second, func() error {
+	if err := a.launch(t); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+// launch starts the agent process with a.args and waits until it has a
+// leader, a Connect CA and a datacenter.
+func (a *agent) launch(t testing.TB) error {
+	p := startProc(t, "consul-agent", consulBin, a.args, cleanEnv(), false)
+	a.proc = p
+	client := a.client
+	err := poll(60*time.Second, func() error {
 		if p.exited() {
 			return nil // reported below
 		}
@@ -413,13 +459,54 @@ func tryStartAgent(t testing.TB) (*agent, error) {
 		return nil
 	})
 	if p.exited() {
-		return nil, fmt.Errorf("agent exited during startup: %v\n%s", p.waitErr, tail(p.Output(), 4000))
+		return fmt.Errorf("agent exited during startup: %v\n%s", p.waitErr, tail(p.Output(), 4000))
 	}
 	if err != nil {
 		p.stop(t)
-		return nil, err
+		return err
 	}
-	return a, nil
+	return nil
+}
+
+// kill SIGKILLs the agent by pid and waits for it to be gone.
+func (a *agent) kill(t testing.TB) {
+	t.Helper()
+	if err := a.proc.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatalf("SIGKILL consul agent pid %d: %v", a.proc.Pid(), err)
+	}
+	select {
+	case <-a.proc.done:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("consul agent pid %d still running 10s after SIGKILL", a.proc.Pid())
+	}
+	t.Logf("consul agent pid %d killed (%v)", a.proc.Pid(), a.proc.cmd.ProcessState)
+}
+
+// restart starts the agent again with the same arguments: same ports, node
+// name and data dir. A dev agent keeps no raft state across restarts: it
+// comes back with a new CA and trust domain, no intentions or config
+// entries, and raft indexes starting over; only the services registered
+// through its HTTP API are restored (from the data dir). a.ca is cleared
+// (the new CA's key is the agent's own).
+func (a *agent) restart(t testing.TB) {
+	t.Helper()
+	// The ports were free while the agent was down; another test may
+	// have picked one up as an ephemeral port in the meantime (the agent
+	// then exits at once), so retry for a while.
+	attempt := 0
+	err := poll(60*time.Second, func() error {
+		attempt++
+		err := a.launch(t)
+		if err != nil {
+			t.Logf("agent restart attempt %d failed: %v", attempt, err)
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatalf("could not restart consul agent on the same ports: %v", err)
+	}
+	a.ca = nil
+	t.Logf("consul agent restarted as pid %d; trust domain %s", a.proc.Pid(), a.trustDomain)
 }
 
 // installCA makes ca the active Connect CA and waits until the local agent
@@ -577,14 +664,39 @@ func startStrait(t testing.TB, a *agent, args ...string) *proc {
 	return startStraitEnv(t, nil, append([]string{"-http-addr", a.httpAddr}, args...)...)
 }
 
-// startStraitEnv starts strait with extra environment and exactly args, and
-// waits until it logs "proxy ready".
+// startStraitEnv starts strait with extra environment and args, and waits
+// until it logs "proxy ready". If the binary has an admin endpoint and args
+// do not set -admin-bind, it is bound on a free port (p.adminAddr).
 func startStraitEnv(t testing.TB, env []string, args ...string) *proc {
 	t.Helper()
 	requireStrait(t)
+	args, admin := withAdmin(t, args)
 	p := startProc(t, "strait", straitBin, args, cleanEnv(env...), true)
+	p.adminAddr = admin
 	waitReady(t, p)
 	return p
+}
+
+// withAdmin appends -admin-bind on a free port to args if the binary has an
+// admin endpoint and args do not set one; it returns the new args and the
+// admin address ("" if none was added).
+func withAdmin(t testing.TB, args []string) ([]string, string) {
+	if !straitHasAdmin || hasFlag(args, "admin-bind") {
+		return args, ""
+	}
+	admin := hostPort(freePort(t))
+	return append(append([]string(nil), args...), "-admin-bind", admin), admin
+}
+
+// hasFlag reports whether args set -name or --name (either form).
+func hasFlag(args []string, name string) bool {
+	for _, a := range args {
+		a = strings.TrimPrefix(strings.TrimPrefix(a, "-"), "-")
+		if a == name || strings.HasPrefix(a, name+"=") {
+			return true
+		}
+	}
+	return false
 }
 
 func waitReady(t testing.TB, p *proc) {

@@ -126,15 +126,16 @@ func TestStraitRejectsResumedSessionAfterDeny(t *testing.T) {
 		t.Logf("allowed connection %d: TLS %s, DidResume=%v", i, tls.VersionName(st.Version), st.DidResume)
 		c.Close()
 	}
-	allowedAccepts := app.Accepts()
 
 	a.setIntention(t, src, dst, api.IntentionActionDeny)
 	// strait has observed the deny once a fresh, non-resuming connection
-	// is refused.
+	// is refused. (Probes made before that are allowed and reach the app,
+	// so the app's count is taken only afterwards.)
 	eventually(t, 30*time.Second, func() error {
 		_, err := tlsRefused(pub, meshClientConfig(&leaf, roots, dstURI))
 		return err
 	})
+	allowedAccepts := app.Accepts()
 
 	// Now resume the session from the allowed period.
 	raw, err := net.DialTimeout("tcp", pub, 5*time.Second)
