@@ -80,8 +80,8 @@ func FromAgentService(svc *api.AgentService) (*Config, error) {
 				host = "127.0.0.1"
 			}
 			port := px.LocalServicePort
-			if port == 0 {
-				return nil, fmt.Errorf("proxy %q: no local service port", svc.ID)
+			if port < 1 || port > 65535 {
+				return nil, fmt.Errorf("proxy %q: local service port %d out of range 1-65535", svc.ID, port)
 			}
 			pub.LocalServiceAddress = joinHostPort(host, port)
 		}

@@ -778,3 +778,16 @@ func TestWatchAgentStopsWhileDelivering(t *testing.T) {
 		t.Fatal("WatchAgent blocked on delivery after cancel")
 	}
 }
+
+func TestFromAgentServiceLocalPortRange(t *testing.T) {
+	t.Parallel()
+	for _, port := range []int{-3, 70000} {
+		svc := &api.AgentService{
+			ID: "web-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Port: 21000,
+			Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "web", LocalServicePort: port},
+		}
+		if _, err := FromAgentService(svc); err == nil || !strings.Contains(err.Error(), "out of range") {
+			t.Errorf("local service port %d: err %v, want out of range", port, err)
+		}
+	}
+}

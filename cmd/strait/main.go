@@ -360,7 +360,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			p.WatchObserver().WatchResult("sidecar-for "+o.sidecarFor, err)
 			if err != nil {
 				log.Error("finding the sidecar registration; retrying", "sidecar_for", o.sidecarFor, "error", err)
-				if !sleep(runCtx, 2*time.Second) {
+				if !watch.Sleep(runCtx, 2*time.Second) {
 					return
 				}
 			}
@@ -430,15 +430,4 @@ func reloadToken(agent *config.Agent, log hclog.Logger) {
 		return
 	}
 	log.Info("SIGHUP: token reloaded", "file", agent.TokenFile)
-}
-
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
 }
