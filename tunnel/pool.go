@@ -34,7 +34,13 @@ type tun struct {
 	streams int // under Pool.mu
 	idle    *time.Timer
 	dialing bool
+	// goneAway: the server sent GoAway (it is shutting down); live
+	// streams finish, new ones go elsewhere.
+	goneAway bool
 }
+
+// usable reports whether t may take new streams for gen; p.mu is held.
+func (t *tun) usable(gen any) bool { return t.gen == gen && !t.goneAway }
 
 // Stats reports tunnels open and streams active.
 func (p *Pool) Stats() (tunnels, streams int64) { return p.open.Load(), p.streams.Load() }
@@ -124,7 +130,7 @@ func (p *Pool) pick(ctx context.Context, key string, gen any, dial func(context.
 	var best *tun
 	usable := 0
 	for _, t := range ts {
-		if t.gen != gen {
+		if !t.usable(gen) {
 			continue
 		}
 		usable++
@@ -173,7 +179,7 @@ func (p *Pool) prune(key string, gen any) []*tun {
 		if !t.dialing && t.sess.IsClosed() {
 			continue
 		}
-		if !t.dialing && t.gen != gen && t.streams == 0 {
+		if !t.dialing && !t.usable(gen) && t.streams == 0 {
 			t.sess.Close()
 			continue
 		}
@@ -224,10 +230,12 @@ func (p *Pool) openReserved(key string, t *tun, hdr []byte) (*Conn, error) {
 		}
 	}
 	if err != nil {
-		p.done(key, t)
-		if t.sess.IsClosed() || errors.Is(err, yamux.ErrSessionShutdown) || errors.Is(err, yamux.ErrRemoteGoAway) {
-			t.sess.Close()
+		if errors.Is(err, yamux.ErrRemoteGoAway) {
+			p.mu.Lock()
+			t.goneAway = true
+			p.mu.Unlock()
 		}
+		p.done(key, t)
 		return nil, err
 	}
 	p.streams.Add(1)

@@ -25,8 +25,17 @@ func Serve(ctx context.Context, conn net.Conn, maxStreams int, handle func(c *Co
 	if err != nil {
 		return err
 	}
-	stop := context.AfterFunc(ctx, func() { sess.GoAway() })
+	// Draining: GoAway refuses new streams; the session closes once the
+	// live ones are done (or the caller closes conn).
+	stop := context.AfterFunc(ctx, func() {
+		sess.GoAway()
+		for sess.NumStreams() > 0 && !sess.IsClosed() {
+			time.Sleep(50 * time.Millisecond)
+		}
+		sess.Close()
+	})
 	defer stop()
+	defer sess.Close()
 	sem := make(chan struct{}, maxStreams)
 	for {
 		st, err := sess.AcceptStream()
