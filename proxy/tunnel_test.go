@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -12,6 +14,8 @@ import (
 
 	"github.com/straitproxy/strait/config"
 	"github.com/straitproxy/strait/internal/testagent"
+	"github.com/straitproxy/strait/tlsutil"
+	"github.com/straitproxy/strait/tunnel"
 )
 
 func withTunnels(o *Options) { o.Tunnels = true }
@@ -119,4 +123,40 @@ func TestTunnelSelfLoop(t *testing.T) {
 	if ts := h.p.Tunnels(); ts.InboundTunnels < 1 {
 		t.Fatalf("the tunnel should have survived the denied stream: %+v", ts)
 	}
+}
+
+// TestTunnelStreamForAnotherService: a stream naming another service is
+// closed without dialing the app (no pivoting through a tunnel).
+func TestTunnelStreamForAnotherService(t *testing.T) {
+	t.Parallel()
+	h := startHarness(t, AccessLogOn, config.Public{}, withTunnels)
+	cert := h.agent.ClientCert("web")
+	tc, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", h.p.PublicAddr().String(), &tls.Config{
+		Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true, NextProtos: []string{tlsutil.ALPNMux},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := tc.ConnectionState().NegotiatedProtocol; got != tlsutil.ALPNMux {
+		t.Fatalf("negotiated %q", got)
+	}
+	var pool tunnel.Pool
+	defer pool.Close()
+	c, err := pool.Adopt("k", nil, tc, "db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write([]byte("GET /secrets"))
+	c.CloseWrite()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if b, _ := io.ReadAll(c); len(b) != 0 {
+		t.Fatalf("read %q from a stream for another service", b)
+	}
+	want(t, h.access.next(t), map[string]any{"direction": "inbound", "reason": ReasonDenied, "detail": "~db", "tx_bytes": 0})
+	// The tunnel stays usable for our own service.
+	c2, err := pool.Open(context.Background(), "k", nil, "web", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roundTrip(t, c2, "ok")
 }

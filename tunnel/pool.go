@@ -147,7 +147,7 @@ func (p *Pool) pick(ctx context.Context, key string, gen any, dial func(context.
 		p.mu.Unlock()
 		return best, nil
 	}
-	if usable >= p.maxTunnels() {
+	if usable >= p.maxTunnels() || dial == nil {
 		p.mu.Unlock()
 		return nil, ErrNoRoom
 	}
