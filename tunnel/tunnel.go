@@ -76,6 +76,12 @@ func YamuxConfig(maxStreams int) *yamux.Config {
 	c := yamux.DefaultConfig()
 	c.LogOutput = io.Discard
 	c.MaxStreamWindowSize = StreamWindow
+	// No absolute limit on a half-closed stream: yamux's default (5m after
+	// our FIN, then RST) would cut a long reply to a client that
+	// half-closed after its request. The proxy's copy loop bounds
+	// half-closed streams by idleness (-half-close-timeout) and Closes
+	// both ends, which frees the stream on both sides.
+	c.StreamCloseTimeout = 0
 	if maxStreams > 0 {
 		c.AcceptBacklog = maxStreams
 	}

@@ -207,3 +207,13 @@ func TestWrongServiceClosed(t *testing.T) {
 		t.Fatal("handler served another service")
 	}
 }
+
+// TestNoAbsoluteHalfCloseLimit: yamux would reset a stream 5 minutes after
+// our FIN even while the peer is still sending (a long reply to a client
+// that half-closed after its request); the proxy's idle-based
+// -half-close-timeout is the only limit.
+func TestNoAbsoluteHalfCloseLimit(t *testing.T) {
+	if c := YamuxConfig(0); c.StreamCloseTimeout != 0 || c.MaxStreamWindowSize != StreamWindow {
+		t.Fatalf("%+v", c)
+	}
+}
