@@ -178,6 +178,8 @@ type Stats struct {
 	ActiveConnections int   `json:"active_connections"`
 	RxBytes           int64 `json:"rx_bytes"`
 	TxBytes           int64 `json:"tx_bytes"`
+	// Tunnels counts strait-mux/1 tunnels and their streams.
+	Tunnels *proxy.TunnelStats `json:"tunnels,omitempty"`
 }
 
 // Rlimit is RLIMIT_NOFILE.
@@ -198,6 +200,10 @@ func (h *handlers) stats(w http.ResponseWriter, r *http.Request) {
 		HeapBytes:     ms.HeapAlloc,
 		SysBytes:      ms.Sys,
 		Listeners:     h.opts.Proxy.Listeners(),
+	}
+	if tp, ok := h.opts.Proxy.(interface{ Tunnels() proxy.TunnelStats }); ok {
+		ts := tp.Tunnels()
+		s.Tunnels = &ts
 	}
 	for _, l := range s.Listeners {
 		s.ActiveConnections += l.Active

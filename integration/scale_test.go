@@ -69,7 +69,10 @@ func TestNineThousandConnections(t *testing.T) {
 	const lowSoft = 1024
 	// x25519 key exchange: the same handshake path at a lower CPU cost,
 	// which matters for 18,000 handshakes on a 2-core box under -race.
-	kex := []string{"-tls-kex", "x25519"}
+	// -tunnels=off: this test measures the classic path, one TLS
+	// connection (two descriptors) per connection end to end;
+	// TestStraitPairTunnels covers streams over tunnels.
+	kex := []string{"-tls-kex", "x25519", "-tunnels", "off"}
 	server := startStraitNoFile(t, a, lowSoft, slices.Concat([]string{"-service", dst, "-listen", pub, "-service-addr", appAddr}, kex, pprofB)...)
 	a.registerProxy(t, dst, ports[0])
 	client := startStraitNoFile(t, a, lowSoft, slices.Concat([]string{"-service", src, "-upstream", dst + ":" + portOf(up)}, kex, pprofA)...)

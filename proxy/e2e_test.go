@@ -107,7 +107,7 @@ type harness struct {
 
 // startHarness runs a proxy for "web" with a public listener in front of an
 // echo app and two upstreams, against a fake agent, and waits until ready.
-func startHarness(t *testing.T, mode AccessLog, pub config.Public) *harness {
+func startHarness(t *testing.T, mode AccessLog, pub config.Public, opt ...func(*Options)) *harness {
 	t.Helper()
 	h := &harness{agent: testagent.Start(t), m: metrics.Discard(), access: newLines(), app: echoApp(t)}
 	h.agent.SetIntentions(
@@ -124,11 +124,15 @@ func startHarness(t *testing.T, mode AccessLog, pub config.Public) *harness {
 		{DestinationName: "web", LocalBindSocketPath: h.upSock, ConnectTimeout: 5 * time.Second},
 		{DestinationName: "nowhere", LocalBindSocketPath: h.deadSck, ConnectTimeout: time.Second},
 	}}
-	h.p = New(Options{
+	o := Options{
 		Client: h.agent.Client(), AgentConfig: h.agent.Config(), Metrics: h.m, AccessLog: mode,
 		AccessLogger: hclog.New(&hclog.LoggerOptions{Name: "access", JSONFormat: true, Output: h.access}),
 		DrainTimeout: time.Second,
-	})
+	}
+	for _, f := range opt {
+		f(&o)
+	}
+	h.p = New(o)
 	cfgs := make(chan *config.Config, 1)
 	cfgs <- cfg
 	ctx, cancel := context.WithCancel(context.Background())

@@ -25,7 +25,9 @@ type server struct {
 	mu     sync.Mutex
 	conns  map[net.Conn]*liveConn // nil until the connection is proxied
 	closed bool
-	wg     sync.WaitGroup // accept loop + handlers
+	// closing is closed when Shutdown starts: tunnels stop taking streams.
+	closing chan struct{}
+	wg      sync.WaitGroup // accept loop + handlers
 
 	accepted atomic.Int64
 	// forced is set when Shutdown's grace ran out and it closed the
@@ -40,7 +42,7 @@ type handler func(ctx context.Context, c net.Conn, release func())
 
 func newServer(name string, ln net.Listener, log hclog.Logger, handle handler) *server {
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &server{name: name, ln: ln, handle: handle, log: log, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]*liveConn)}
+	s := &server{name: name, ln: ln, handle: handle, log: log, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]*liveConn), closing: make(chan struct{})}
 	s.wg.Add(1)
 	go s.serve()
 	return s
@@ -137,6 +139,9 @@ func (s *server) Active() int {
 // return. It is safe to call more than once.
 func (s *server) Shutdown(ctx context.Context) {
 	s.mu.Lock()
+	if !s.closed {
+		close(s.closing)
+	}
 	s.closed = true
 	s.mu.Unlock()
 	s.ln.Close()

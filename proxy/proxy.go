@@ -22,6 +22,7 @@ import (
 	"github.com/straitproxy/strait/internal/watch"
 	"github.com/straitproxy/strait/metrics"
 	"github.com/straitproxy/strait/tlsutil"
+	"github.com/straitproxy/strait/tunnel"
 	"github.com/straitproxy/strait/upstream"
 )
 
@@ -63,6 +64,13 @@ type Options struct {
 	// DrainTimeout bounds how long a removed or changed listener's live
 	// connections may continue after a reconfiguration; zero means 15s.
 	DrainTimeout time.Duration
+	// Tunnels enables strait-mux/1 tunnels (package tunnel) with strait
+	// peers, on the public listener and for upstreams.
+	Tunnels bool
+	// TunnelMaxStreams limits concurrent streams per tunnel (both sides);
+	// TunnelMaxPerPeer limits client tunnels per endpoint. Zero means the
+	// package tunnel defaults.
+	TunnelMaxStreams, TunnelMaxPerPeer int
 }
 
 // Proxy runs the public listener and the upstream listeners of one Config
@@ -101,6 +109,10 @@ type Proxy struct {
 	phase   atomic.Int32 // a phase
 	failure atomic.Pointer[string]
 	cfg     atomic.Pointer[config.Config]
+
+	pool      *tunnel.Pool // nil without Tunnels
+	inTunnels atomic.Int64 // inbound tunnels open
+	inStreams atomic.Int64 // inbound streams active
 }
 
 type publicListener struct {
@@ -137,7 +149,12 @@ func New(opts Options) *Proxy {
 	// Every watch run under the proxy's context (certificates, intentions,
 	// upstream endpoints) reports to the tracker.
 	ctx, cancel := context.WithCancel(watch.WithObserver(context.Background(), w))
+	var pool *tunnel.Pool
+	if opts.Tunnels {
+		pool = &tunnel.Pool{MaxStreams: opts.TunnelMaxStreams, MaxTunnels: opts.TunnelMaxPerPeer}
+	}
 	return &Proxy{
+		pool: pool,
 		opts: opts, log: opts.Logger, access: opts.AccessLogger, metrics: m, watches: w, ctx: ctx, cancel: cancel,
 		upstreams: make(map[string]*upstreamListener),
 		listeners: make(map[*lstats]struct{}),
@@ -259,7 +276,7 @@ func (p *Proxy) start(c *config.Config) {
 	}
 	src := tlsutil.NewSource(p.opts.Client, c.Service, tlsutil.SourceOptions{
 		Namespace: c.Namespace, Partition: c.Partition, Logger: p.log.Named("certs"),
-		CurvePreferences: p.opts.CurvePreferences,
+		CurvePreferences: p.opts.CurvePreferences, Tunnels: p.opts.Tunnels,
 	})
 	az := authz.New(p.opts.Client, authz.Options{
 		Target: c.Service, Namespace: c.Namespace, Partition: c.Partition, Logger: p.log,
@@ -448,6 +465,7 @@ func (p *Proxy) listenUpstream(u config.Upstream) (*upstreamListener, error) {
 		LocalDatacenter: p.localDatacenter(),
 		Logger:          p.log.Named("upstream").With("upstream", u.DestinationName),
 		NetDialer:       newUpstreamDialer(),
+		Tunnels:         p.pool,
 	})
 	if err != nil {
 		return nil, err
@@ -553,6 +571,10 @@ func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *publicList
 		return
 	}
 	rec.source = peerID(tc)
+	if tc.ConnectionState().NegotiatedProtocol == tlsutil.ALPNMux {
+		p.serveTunnel(ctx, conn, tc, pl)
+		return
+	}
 	// The peer is authenticated and authorized; only now is the app dialed.
 	network, addr := "tcp", cfg.LocalServiceAddress
 	if strings.HasPrefix(addr, "unix:") {
@@ -597,7 +619,7 @@ func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *upstreamL
 		t.Stop()
 	}
 	var attempts atomic.Int32
-	tc, ep, releaseEndpoint, err := ul.up.Dial(context.WithValue(ctx, attemptsKey{}, &attempts))
+	tc, ep, releaseEndpoint, err := ul.up.DialConn(context.WithValue(ctx, attemptsKey{}, &attempts))
 	rec.attempts = attempts.Load()
 	if n := rec.attempts; n > 1 {
 		p.metrics.IncrCounter(metrics.UpstreamDialRetries, float32(n-1), ul.stats.labels)
@@ -664,6 +686,9 @@ func (p *Proxy) Shutdown(ctx context.Context) {
 		wg.Go(func() { s.Shutdown(ctx) })
 	}
 	wg.Wait()
+	if p.pool != nil {
+		p.pool.Close()
+	}
 	p.cancel()
 	p.bg.Wait()
 }

@@ -49,6 +49,14 @@ var (
 // included, which is what lets strait clients resume sessions with it.
 const ALPNStrait = "strait/1"
 
+// ALPNMux is the ALPN protocol id of a strait tunnel: a long-lived mTLS
+// connection carrying many application connections as yamux streams (see
+// package tunnel). A strait client with tunnels enabled offers it before
+// ALPNStrait; a strait server with tunnels enabled selects it when offered.
+// Selecting it carries ALPNStrait's promise and more: the server authorizes
+// every stream against intentions with the tunnel's verified peer identity.
+const ALPNMux = "strait-mux/1"
+
 // ServerConfig returns the public listener's TLS config. Every handshake
 // gets a config built from the material current at that moment, so a
 // rotated leaf or root set applies to new handshakes at once while existing
@@ -65,7 +73,9 @@ func (s *Source) ServerConfig(authorize Authorizer) *tls.Config {
 		}
 		ctx := hello.Context()
 		var protos []string
-		if slices.Contains(hello.SupportedProtos, ALPNStrait) {
+		if s.tunnels && slices.Contains(hello.SupportedProtos, ALPNMux) {
+			protos = []string{ALPNMux}
+		} else if slices.Contains(hello.SupportedProtos, ALPNStrait) {
 			protos = []string{ALPNStrait}
 		}
 		return &tls.Config{
@@ -104,6 +114,9 @@ type ClientOptions struct {
 	// servers authorize in VerifyPeerCertificate, which Go skips on resumed
 	// sessions, so resuming with them would walk past a deny intention.
 	ResumeKey string
+	// Mux offers ALPNMux before ALPNStrait. The caller must then check
+	// NegotiatedProtocol: ALPNMux means the connection is a tunnel.
+	Mux bool
 }
 
 type clientKey struct {
@@ -153,6 +166,8 @@ func (s *Source) ClientConfig(expected Identity, sni string, opts ClientOptions)
 	}
 	if opts.NoALPN {
 		c.NextProtos = nil
+	} else if opts.Mux {
+		c.NextProtos = []string{ALPNMux, ALPNStrait}
 	}
 	if opts.ResumeKey != "" {
 		c.ClientSessionCache = tls.NewLRUClientSessionCache(4)
@@ -285,4 +300,15 @@ func chainNotAfter(chains [][]*x509.Certificate) time.Time {
 		}
 	}
 	return t
+}
+
+// PeerOf returns the verified service identity and serial of a connection's
+// client certificate, checked against the current bundle. Tunnels use it to
+// authorize each stream with the tunnel's peer.
+func (s *Source) PeerOf(cs tls.ConnectionState) (Identity, string, error) {
+	b := s.cur.Load()
+	if b == nil {
+		return Identity{}, "", ErrNotReady
+	}
+	return verifyPeer(b, cs.PeerCertificates, x509.ExtKeyUsageClientAuth)
 }

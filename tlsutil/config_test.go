@@ -851,3 +851,33 @@ func TestResumeKeyResumes(t *testing.T) {
 		c.Close()
 	}
 }
+
+// TestALPNMux: a server with tunnels selects ALPNMux only when offered; a
+// server without tunnels never does, even when offered.
+func TestALPNMux(t *testing.T) {
+	t.Parallel()
+	m := newMesh(t)
+	src := newTestSource(t, "db", m.dbLeaf, rootList(testTD, m.ca))
+	src.tunnels = true
+	tun := startTLSServer(t, src.ServerConfig(m.auth.authorize))
+	for _, tc := range []struct {
+		name string
+		srv  *tlsServer
+		opts ClientOptions
+		want string
+	}{
+		{"tunnels, mux offered", tun, ClientOptions{Mux: true}, ALPNMux},
+		{"tunnels, strait/1 offered", tun, ClientOptions{}, ALPNStrait},
+		{"tunnels, nothing offered", tun, ClientOptions{NoALPN: true, Mux: true}, ""},
+		{"no tunnels, mux offered", m.srv, ClientOptions{Mux: true}, ALPNStrait},
+	} {
+		c := mustConnect(t, tc.srv.addr, m.web.ClientConfig(m.dbID, m.sni, tc.opts))
+		if r := tc.srv.next(t); r.err != nil {
+			t.Fatalf("%s: %v", tc.name, r.err)
+		}
+		if got := c.ConnectionState().NegotiatedProtocol; got != tc.want {
+			t.Errorf("%s: negotiated %q, want %q", tc.name, got, tc.want)
+		}
+		c.Close()
+	}
+}

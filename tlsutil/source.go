@@ -43,6 +43,7 @@ type Source struct {
 	service string
 	q       api.QueryOptions // namespace / partition for the leaf
 	curves  []tls.CurveID
+	tunnels bool
 	log     hclog.Logger
 	now     func() time.Time
 
@@ -66,6 +67,9 @@ type SourceOptions struct {
 	// Go's default, which puts the post-quantum hybrid X25519MLKEM768
 	// first. See KeyExchange.
 	CurvePreferences []tls.CurveID
+	// Tunnels lets the public listener select ALPNMux when a client
+	// offers it (see ServerConfig).
+	Tunnels bool
 }
 
 // KeyExchange maps the -tls-kex flag to curve preferences: "hybrid" (Go's
@@ -94,6 +98,7 @@ func NewSource(client *api.Client, service string, opts SourceOptions) *Source {
 		service: service,
 		q:       api.QueryOptions{Namespace: opts.Namespace, Partition: opts.Partition},
 		curves:  opts.CurvePreferences,
+		tunnels: opts.Tunnels,
 		log:     log,
 		now:     time.Now,
 		ready:   make(chan struct{}),

@@ -6,11 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/straitproxy/strait/tlsutil"
+	"github.com/straitproxy/strait/tunnel"
 )
 
 // Ejection of failed endpoints: skipped for ejectBase after a failure,
@@ -32,6 +34,23 @@ const (
 // ends, to decrement the endpoint's active count; calling it again is a no-op.
 // On error the conn and release func are nil.
 func (u *Upstream) Dial(ctx context.Context) (*tls.Conn, Endpoint, func(), error) {
+	c, ep, release, err := u.dial(ctx, false)
+	if err != nil {
+		return nil, ep, nil, err
+	}
+	return c.(*tls.Conn), ep, release, nil
+}
+
+// DialConn is Dial, except that with a tunnel pool (Options.Tunnels) a
+// strait peer that selects tlsutil.ALPNMux gets the connection as a stream
+// in a tunnel (a *tunnel.Conn). The first connection to an endpoint is a
+// classic one offering ALPNMux; if the peer selects it, that connection
+// becomes the endpoint's first tunnel.
+func (u *Upstream) DialConn(ctx context.Context) (net.Conn, Endpoint, func(), error) {
+	return u.dial(ctx, u.pool != nil)
+}
+
+func (u *Upstream) dial(ctx context.Context, mux bool) (net.Conn, Endpoint, func(), error) {
 	caller := ctx
 	ctx, cancel := context.WithTimeout(ctx, u.cfg.ConnectTimeoutOrDefault())
 	defer cancel()
@@ -65,7 +84,7 @@ func (u *Upstream) Dial(ctx context.Context) (*tls.Conn, Endpoint, func(), error
 		}
 
 		e.st.active.Add(1)
-		c, err := u.dialOne(ctx, e, td, share)
+		c, err := u.dialOne(ctx, e, td, share, mux)
 		if err == nil {
 			u.succeeded(e.st)
 			var once atomic.Bool
@@ -120,9 +139,18 @@ const (
 	peerUnknown int32 = iota
 	peerStrait        // selected tlsutil.ALPNStrait: resumption is safe
 	peerNoALPN        // refused our ALPN offer: dial it without one
+	peerMux           // selected tlsutil.ALPNMux: use tunnels
 )
 
-func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share int) (*tls.Conn, error) {
+// errNotMux: a tunnel dial to a peer that selected ALPNMux before did not
+// get it this time.
+var errNotMux = errors.New("peer no longer selects " + tlsutil.ALPNMux)
+
+// bundler is implemented by *tlsutil.Source: a tunnel remembers the bundle
+// it was dialed with and takes no new streams once it changes.
+type bundler interface{ Bundle() *tlsutil.Bundle }
+
+func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share int, mux bool) (net.Conn, error) {
 	if share > 1 {
 		if dl, ok := ctx.Deadline(); ok {
 			var cancel context.CancelFunc
@@ -139,11 +167,49 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 	// that query.
 	sni := tlsutil.ServiceSNI(e.Service, e.Namespace, e.Partition, e.Datacenter, td)
 	var opts tlsutil.ClientOptions
+	var gen any
+	if bs, ok := u.tls.(bundler); ok {
+		if b := bs.Bundle(); b != nil {
+			// What the tunnel's handshake used: our leaf and the roots
+			// we trusted. A rotation of either drains old tunnels; a
+			// refresh of the same material does not.
+			gen = b.LeafSerial + "|" + strings.Join(b.RootIDs, ",")
+		}
+	}
+	key := e.Addr + "|" + id.String()
 	switch ep.st.peer.Load() {
 	case peerStrait:
 		opts.ResumeKey = e.Addr
 	case peerNoALPN:
 		opts.NoALPN = true
+	case peerMux:
+		opts.ResumeKey = e.Addr
+		if !mux {
+			break
+		}
+		c, err := u.pool.Open(ctx, key, gen, e.Service, func(ctx context.Context) (net.Conn, error) {
+			tc, err := u.handshake(ctx, e.Addr, u.tls.ClientConfig(id, sni, tlsutil.ClientOptions{Mux: true}))
+			if err != nil {
+				return nil, err
+			}
+			if tc.ConnectionState().NegotiatedProtocol != tlsutil.ALPNMux {
+				tc.Close()
+				ep.st.peer.Store(peerUnknown)
+				return nil, errNotMux
+			}
+			return tc, nil
+		})
+		if err == nil {
+			return c, nil
+		}
+		if !errors.Is(err, tunnel.ErrNoRoom) && !errors.Is(err, errNotMux) {
+			return nil, err
+		}
+		u.log.Trace("tunnel unavailable; dialing a classic connection", "addr", e.Addr, "reason", err)
+		mux = false // a classic connection, not one more tunnel
+	}
+	if mux && !opts.NoALPN {
+		opts.Mux = true
 	}
 	c, err := u.handshake(ctx, e.Addr, u.tls.ClientConfig(id, sni, opts))
 	if err != nil && !opts.NoALPN && isALPNRefused(err) {
@@ -159,8 +225,22 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 	cs := c.ConnectionState()
 	u.log.Trace("handshake done", "addr", e.Addr, "alpn", cs.NegotiatedProtocol, "resumed", cs.DidResume, "resume_key", opts.ResumeKey != "")
 	if !opts.NoALPN {
+		if cs.NegotiatedProtocol == tlsutil.ALPNMux {
+			if !opts.Mux { // a server must not select what we did not offer
+				c.Close()
+				return nil, errors.New("peer selected " + tlsutil.ALPNMux + " unoffered")
+			}
+			ep.st.peer.Store(peerMux)
+			tc, err := u.pool.Adopt(key, gen, c, e.Service)
+			if err != nil {
+				return nil, err
+			}
+			return tc, nil
+		}
 		if cs.NegotiatedProtocol == tlsutil.ALPNStrait {
-			ep.st.peer.Store(peerStrait)
+			if opts.Mux || ep.st.peer.Load() != peerMux {
+				ep.st.peer.Store(peerStrait)
+			}
 		} else {
 			ep.st.peer.Store(peerUnknown) // not (or no longer) strait: never resume
 		}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/straitproxy/strait/config"
 	"github.com/straitproxy/strait/tlsutil"
+	"github.com/straitproxy/strait/tunnel"
 )
 
 // Defaults for Options.
@@ -91,6 +92,10 @@ type Options struct {
 	MaxAttempts int
 	// NetDialer dials TCP; nil means a zero net.Dialer.
 	NetDialer *net.Dialer
+	// Tunnels, when set, carries connections to strait peers that select
+	// tlsutil.ALPNMux as streams in pooled tunnels (DialConn). It may be
+	// shared by upstreams.
+	Tunnels *tunnel.Pool
 }
 
 // Upstream discovers and dials the endpoints of one configured upstream.
@@ -106,6 +111,7 @@ type Upstream struct {
 	queryTTL    time.Duration
 	maxAttempts int
 	netDialer   *net.Dialer
+	pool        *tunnel.Pool
 	// epoch is the origin of the monotonic nanosecond clock that ejection
 	// deadlines are stored in, so that wall-clock steps do not matter.
 	epoch time.Time
@@ -144,6 +150,7 @@ func New(u config.Upstream, opts Options) (*Upstream, error) {
 		name:        u.String(),
 		client:      opts.Client,
 		tls:         opts.TLS,
+		pool:        opts.Tunnels,
 		log:         opts.Logger,
 		dc:          cmp.Or(u.Datacenter, opts.LocalDatacenter),
 		queryTTL:    opts.QueryTTL,

@@ -69,6 +69,7 @@ type options struct {
 	shutdownGrace             time.Duration
 	halfCloseTimeout          time.Duration
 	tlsKex                    string
+	tunnels                   string
 	ktls                      string
 	api                       config.API
 	flagsModeSet, registerSet bool
@@ -103,6 +104,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.StringVar(&o.pprofAddr, "pprof-addr", "", "Serve net/http/pprof on this host:port.")
 	fs.DurationVar(&o.shutdownGrace, "shutdown-grace", 15*time.Second, "On SIGINT/SIGTERM, how long live connections may finish.")
 	fs.DurationVar(&o.halfCloseTimeout, "half-close-timeout", proxy.DefaultHalfCloseTimeout, "Idle limit of a connection one side of which has finished sending.")
+	fs.StringVar(&o.tunnels, "tunnels", "on", "Multiplex connections to other strait proxies as streams in pooled mTLS tunnels (ALPN strait-mux/1): on or off. Other peers always get one TLS connection per connection.")
 	fs.StringVar(&o.tlsKex, "tls-kex", "hybrid", "TLS key exchange: hybrid (post-quantum X25519MLKEM768 first, Go's default) or x25519 (cheaper handshakes).")
 	fs.StringVar(&o.ktls, "ktls", "auto", "Kernel TLS offload: auto (probe and report at start) or off.")
 	fs.StringVar(&o.api.Addr, "http-addr", "", "Consul agent HTTP address. Env CONSUL_HTTP_ADDR (default 127.0.0.1:8500).")
@@ -150,6 +152,9 @@ func parseFlags(args []string) (*options, error) {
 func (o *options) validate() error {
 	if _, err := tlsutil.KeyExchange(o.tlsKex); err != nil {
 		return usagef("-tls-kex: %v", err)
+	}
+	if o.tunnels != "on" && o.tunnels != "off" {
+		return usagef("-tunnels %q: want on or off", o.tunnels)
 	}
 	if o.ktls != "auto" && o.ktls != "off" {
 		return usagef("-ktls %q: want auto or off", o.ktls)
@@ -311,7 +316,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	m := metrics.New(metrics.Options{Logger: log.Named("metrics")})
 	p := proxy.New(proxy.Options{
 		KTLS: o.ktls, CurvePreferences: curves, Client: client, AgentConfig: agent.Config, Logger: log,
-		HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace,
+		HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace, Tunnels: o.tunnels == "on",
 		Metrics: m, Telemetry: o.telemetry(), AccessLog: accessMode, AccessLogger: access,
 	})
 	// The admin listener binds before anything else starts, so that /ready

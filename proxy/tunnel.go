@@ -1,0 +1,125 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/straitproxy/strait/metrics"
+	"github.com/straitproxy/strait/tunnel"
+)
+
+// TunnelStats is /stats' view of strait-mux/1 tunnels.
+type TunnelStats struct {
+	Enabled bool `json:"enabled"`
+	// Inbound: tunnels accepted on the public listener and their live
+	// streams. Outbound: the upstreams' pooled tunnels and streams.
+	InboundTunnels  int64 `json:"inbound_tunnels"`
+	InboundStreams  int64 `json:"inbound_streams"`
+	OutboundTunnels int64 `json:"outbound_tunnels"`
+	OutboundStreams int64 `json:"outbound_streams"`
+}
+
+// Tunnels reports tunnel counts.
+func (p *Proxy) Tunnels() TunnelStats {
+	s := TunnelStats{Enabled: p.pool != nil, InboundTunnels: p.inTunnels.Load(), InboundStreams: p.inStreams.Load()}
+	if p.pool != nil {
+		s.OutboundTunnels, s.OutboundStreams = p.pool.Stats()
+	}
+	return s
+}
+
+// serveTunnel runs an inbound tunnel (the handshake selected ALPNMux)
+// until it ends: every stream is checked and proxied like a classic
+// inbound connection. When the listener starts draining the tunnel takes no
+// new streams and ends once its live ones are done.
+func (p *Proxy) serveTunnel(ctx context.Context, raw net.Conn, tc *tls.Conn, pl *publicListener) {
+	p.inTunnels.Add(1)
+	defer p.inTunnels.Add(-1)
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(ctx, cancel)
+	defer stop()
+	go func() {
+		select {
+		case <-pl.srv.closing:
+			cancel()
+		case <-sctx.Done():
+		}
+	}()
+	var live sync.WaitGroup
+	err := tunnel.Serve(sctx, tc, p.opts.TunnelMaxStreams, func(c *tunnel.Conn, svc string) {
+		live.Add(1)
+		p.inStreams.Add(1)
+		p.handleStream(ctx, raw, tc, c, svc, pl, func() { p.inStreams.Add(-1); live.Done() })
+	}, func(err error) {
+		p.log.Warn("inbound tunnel stream refused", "source", peerID(tc), "remote", addrString(raw.RemoteAddr()), "error", err)
+	})
+	if err != nil && !isClosed(err) && !errors.Is(err, net.ErrClosed) {
+		p.log.Info("inbound tunnel ended", "source", peerID(tc), "remote", addrString(raw.RemoteAddr()), "error", err)
+	}
+	tc.Close()
+	live.Wait()
+}
+
+// handleStream is handleInbound for one stream of a tunnel: only our own
+// service, authorized now with the tunnel's verified peer, then the app.
+func (p *Proxy) handleStream(ctx context.Context, raw net.Conn, tc *tls.Conn, c *tunnel.Conn, svc string, pl *publicListener, release func()) {
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			c.Close()
+			release()
+		}
+	}()
+	cfg := pl.cfg.Load()
+	rec := &accessRecord{dir: "inbound", dest: p.service, endpoint: cfg.LocalServiceAddress,
+		remote: addrString(raw.RemoteAddr()), start: time.Now(), source: peerID(tc)}
+	dst := metrics.Label{Name: "dst", Value: p.service}
+	if svc != p.service {
+		rec.reason, rec.detail = ReasonDenied, "tunnel stream for service "+svc+", not "+p.service
+		p.log.Warn("tunnel stream for another service refused", "source", rec.source, "service", svc)
+		p.metrics.IncrCounter(metrics.InboundDenied, 1, []metrics.Label{{Name: "src", Value: rec.source}, dst})
+		p.logAccess(rec)
+		return
+	}
+	id, serial, err := p.src.PeerOf(tc.ConnectionState())
+	if err == nil {
+		err = p.authorize(ctx, id, serial)
+	}
+	if err != nil {
+		var denied *DeniedError
+		if errors.As(err, &denied) {
+			rec.reason, rec.detail = ReasonDenied, denied.Reason
+			if !p.accessLogged(ReasonDenied) {
+				p.log.Info("inbound connection denied", "source", denied.Source.String(), "reason", denied.Reason, "remote", rec.remote, "tunnel", true)
+			}
+			p.metrics.IncrCounter(metrics.InboundDenied, 1, []metrics.Label{{Name: "src", Value: denied.Source.Service}, dst})
+		} else {
+			reason, label := handshakeFailure(err)
+			rec.reason, rec.detail = reason, err.Error()
+			p.metrics.IncrCounter(metrics.InboundHandshakeFailed, 1, []metrics.Label{dst, {Name: "reason", Value: label}})
+		}
+		p.logAccess(rec)
+		return
+	}
+	network, addr := "tcp", cfg.LocalServiceAddress
+	if strings.HasPrefix(addr, "unix:") {
+		network, addr = "unix", strings.TrimPrefix(addr, "unix:")
+	}
+	d := net.Dialer{Timeout: cfg.LocalConnectTimeoutOrDefault()}
+	app, err := d.DialContext(ctx, network, addr)
+	if err != nil {
+		p.log.Warn("dialing local app failed", "app", addr, "error", err)
+		rec.reason, rec.detail = appDialFailure(err), err.Error()
+		p.metrics.IncrCounter(metrics.InboundAppDialFailed, 1, []metrics.Label{dst, {Name: "reason", Value: rec.reason}})
+		p.logAccess(rec)
+		return
+	}
+	handedOff = true
+	p.proxy(c, c, app, pl.stats, rec, release, nil)
+}

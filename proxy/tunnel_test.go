@@ -1,0 +1,162 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/straitproxy/strait/config"
+	"github.com/straitproxy/strait/internal/testagent"
+	"github.com/straitproxy/strait/tlsutil"
+	"github.com/straitproxy/strait/tunnel"
+)
+
+func withTunnels(o *Options) { o.Tunnels = true }
+
+// TestTunnelSelfLoop: with tunnels on, connections through the upstream
+// "web" (our own public listener) ride as streams of a tunnel, carry data
+// both ways with half-close, are accounted per stream, and run
+// concurrently; a deny intention then refuses new streams on the live
+// tunnel before the app is dialed.
+func TestTunnelSelfLoop(t *testing.T) {
+	t.Parallel()
+	h := startHarness(t, AccessLogOn, config.Public{}, withTunnels)
+
+	for i := range 3 {
+		c, err := net.Dial("unix", h.upSock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		roundTrip(t, c, fmt.Sprintf("hello %d", i))
+		got := map[string]map[string]any{}
+		for range 2 {
+			l := h.access.next(t)
+			got[l["direction"].(string)] = l
+		}
+		want(t, got["inbound"], map[string]any{"source": testagent.ServiceID("web"), "rx_bytes": 7, "tx_bytes": 7, "reason": ReasonClosed})
+		want(t, got["upstream"], map[string]any{"rx_bytes": 7, "tx_bytes": 7, "reason": ReasonClosed})
+	}
+	ts := h.p.Tunnels()
+	if ts.InboundTunnels != 1 || ts.OutboundTunnels != 1 {
+		t.Fatalf("tunnels %+v, want one each way", ts)
+	}
+
+	const n = 200
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := range n {
+		wg.Go(func() {
+			c, err := net.Dial("unix", h.upSock)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(20 * time.Second))
+			msg := make([]byte, 10000+i)
+			for j := range msg {
+				msg[j] = byte(i + j)
+			}
+			go func() {
+				c.Write(msg)
+				c.(*net.UnixConn).CloseWrite()
+			}()
+			got, err := io.ReadAll(c)
+			if err != nil {
+				errs <- err
+				return
+			}
+			if string(got) != string(msg) {
+				errs <- fmt.Errorf("stream %d: %d bytes back, want %d", i, len(got), len(msg))
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	for range 2 * n {
+		h.access.next(t)
+	}
+	ts = h.p.Tunnels()
+	if ts.OutboundTunnels < 1 || ts.OutboundTunnels > 4 || ts.InboundTunnels != ts.OutboundTunnels {
+		t.Fatalf("after %d concurrent streams: %+v", n, ts)
+	}
+
+	t.Logf("before deny: %+v", h.p.Tunnels())
+	h.agent.SetIntentions(testagent.Intention("web", "web", api.IntentionActionDeny))
+	eventually(t, func() error {
+		c, err := net.Dial("unix", h.upSock)
+		if err != nil {
+			return err
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		c.Write([]byte("x"))
+		c.(*net.UnixConn).CloseWrite()
+		b, _ := io.ReadAll(c)
+		// A refused stream ends with the server's FIN: the app sees EOF
+		// and closes; only then does the upstream side finish.
+		c.Close()
+		var lines []map[string]any
+		for range 2 {
+			lines = append(lines, h.access.next(t))
+		}
+		t.Logf("deny probe: %q %+v", b, h.p.Tunnels())
+		if len(b) != 0 {
+			return fmt.Errorf("stream still allowed")
+		}
+		for _, l := range lines {
+			if l["direction"] == "inbound" {
+				want(t, l, map[string]any{"reason": ReasonDenied, "tx_bytes": 0})
+			}
+		}
+		return nil
+	})
+	if ts := h.p.Tunnels(); ts.InboundTunnels < 1 {
+		t.Fatalf("the tunnel should have survived the denied stream: %+v", ts)
+	}
+}
+
+// TestTunnelStreamForAnotherService: a stream naming another service is
+// closed without dialing the app (no pivoting through a tunnel).
+func TestTunnelStreamForAnotherService(t *testing.T) {
+	t.Parallel()
+	h := startHarness(t, AccessLogOn, config.Public{}, withTunnels)
+	cert := h.agent.ClientCert("web")
+	tc, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", h.p.PublicAddr().String(), &tls.Config{
+		Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true, NextProtos: []string{tlsutil.ALPNMux},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := tc.ConnectionState().NegotiatedProtocol; got != tlsutil.ALPNMux {
+		t.Fatalf("negotiated %q", got)
+	}
+	var pool tunnel.Pool
+	defer pool.Close()
+	c, err := pool.Adopt("k", nil, tc, "db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write([]byte("GET /secrets"))
+	c.CloseWrite()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if b, _ := io.ReadAll(c); len(b) != 0 {
+		t.Fatalf("read %q from a stream for another service", b)
+	}
+	want(t, h.access.next(t), map[string]any{"direction": "inbound", "reason": ReasonDenied, "detail": "~db", "tx_bytes": 0})
+	// The tunnel stays usable for our own service.
+	c2, err := pool.Open(context.Background(), "k", nil, "web", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roundTrip(t, c2, "ok")
+}

@@ -1,0 +1,135 @@
+// Package tunnel carries application connections as yamux streams inside
+// long-lived mTLS connections between two strait proxies (ALPN
+// tlsutil.ALPNMux).
+//
+// Stream header, written by the client right after opening a stream and
+// followed at once by the application's bytes (no round trip):
+//
+//	byte 0      version (1)
+//	byte 1      n, the length of the destination service name (1..255)
+//	bytes 2..   the destination service name, n bytes
+//
+// The server reads the header, refuses any service but its own, authorizes
+// the stream with the tunnel's verified peer and only then dials the app.
+//
+// Memory: yamux buffers at most the receive window per stream
+// (StreamWindow, 256 KiB, yamux's default) plus what the copy loop holds,
+// so a tunnel with MaxStreams streams is bounded by MaxStreams*StreamWindow
+// of receive buffer on each side.
+package tunnel
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/yamux"
+)
+
+// Version is the stream header version.
+const Version = 1
+
+// Defaults.
+const (
+	DefaultMaxTunnels  = 4
+	DefaultMaxStreams  = 256
+	DefaultIdleTimeout = 90 * time.Second
+	StreamWindow       = 256 * 1024
+)
+
+// ErrBadHeader is returned for a stream header that does not parse.
+var ErrBadHeader = errors.New("tunnel: bad stream header")
+
+// AppendHeader appends the stream header for service to b.
+func AppendHeader(b []byte, service string) ([]byte, error) {
+	if len(service) == 0 || len(service) > 255 {
+		return nil, fmt.Errorf("tunnel: service name length %d out of range", len(service))
+	}
+	b = append(b, Version, byte(len(service)))
+	return append(b, service...), nil
+}
+
+// ReadHeader reads a stream header and returns the service name.
+func ReadHeader(r io.Reader) (string, error) {
+	var h [2]byte
+	if _, err := io.ReadFull(r, h[:]); err != nil {
+		return "", fmt.Errorf("%w: %w", ErrBadHeader, err)
+	}
+	if h[0] != Version {
+		return "", fmt.Errorf("%w: version %d", ErrBadHeader, h[0])
+	}
+	if h[1] == 0 {
+		return "", fmt.Errorf("%w: empty service name", ErrBadHeader)
+	}
+	name := make([]byte, h[1])
+	if _, err := io.ReadFull(r, name); err != nil {
+		return "", fmt.Errorf("%w: %w", ErrBadHeader, err)
+	}
+	return string(name), nil
+}
+
+// YamuxConfig is the session configuration both sides use.
+func YamuxConfig(maxStreams int) *yamux.Config {
+	c := yamux.DefaultConfig()
+	c.LogOutput = io.Discard
+	c.MaxStreamWindowSize = StreamWindow
+	// No absolute limit on a half-closed stream: yamux's default (5m after
+	// our FIN, then RST) would cut a long reply to a client that
+	// half-closed after its request. The proxy's copy loop bounds
+	// half-closed streams by idleness (-half-close-timeout) and Closes
+	// both ends, which frees the stream on both sides.
+	c.StreamCloseTimeout = 0
+	if maxStreams > 0 {
+		c.AcceptBacklog = maxStreams
+	}
+	return c
+}
+
+// Conn is one stream as a net.Conn for the proxy's copy loop: CloseWrite
+// is yamux's Close (a FIN; reading goes on), Close also stops reading, and
+// the first Close runs the release func.
+type Conn struct {
+	*yamux.Stream
+	once    sync.Once
+	release func()
+}
+
+// NewConn wraps a stream; release (may be nil) runs once on Close.
+func NewConn(s *yamux.Stream, release func()) *Conn { return &Conn{Stream: s, release: release} }
+
+// ErrTunnelLost is what a live stream reads when its tunnel dies: yamux
+// reports EOF, which would look like the peer's half-close.
+var ErrTunnelLost = errors.New("tunnel: connection lost")
+
+// Read is the stream's Read, except that EOF caused by the tunnel ending
+// is ErrTunnelLost, so the copy loop resets the app connection instead of
+// half-closing it.
+func (c *Conn) Read(b []byte) (int, error) {
+	n, err := c.Stream.Read(b)
+	if err == io.EOF && c.Stream.Session().IsClosed() {
+		err = ErrTunnelLost
+	}
+	return n, err
+}
+
+// CloseWrite sends FIN; the peer reads EOF and may go on writing.
+func (c *Conn) CloseWrite() error { return c.Stream.Close() }
+
+// Close finishes the stream both ways.
+func (c *Conn) Close() error {
+	err := c.Stream.Close()
+	c.once.Do(func() {
+		// Stop waiting for the peer's data: a reader blocked in Read is
+		// woken, and what the peer still sends is dropped by the deadline.
+		c.Stream.SetReadDeadline(time.Now())
+		if c.release != nil {
+			c.release()
+		}
+	})
+	return err
+}
+
+var _ net.Conn = (*Conn)(nil)

@@ -1,0 +1,219 @@
+package tunnel
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func FuzzHeader(f *testing.F) {
+	f.Add([]byte{1, 3, 'w', 'e', 'b'})
+	f.Add([]byte{1, 0})
+	f.Add([]byte{2, 1, 'x'})
+	f.Add([]byte{1, 5, 'a'})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		svc, err := ReadHeader(bytes.NewReader(b))
+		if err != nil {
+			return
+		}
+		enc, err := AppendHeader(nil, svc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.HasPrefix(b, enc) {
+			t.Fatalf("round trip: %q -> %q -> %q", b, svc, enc)
+		}
+	})
+}
+
+func TestHeader(t *testing.T) {
+	b, err := AppendHeader(nil, "web")
+	if err != nil || !bytes.Equal(b, []byte{1, 3, 'w', 'e', 'b'}) {
+		t.Fatalf("%v %v", b, err)
+	}
+	if _, err := AppendHeader(nil, ""); err == nil {
+		t.Fatal("empty name accepted")
+	}
+	if _, err := ReadHeader(bytes.NewReader([]byte{9, 1, 'x'})); !errors.Is(err, ErrBadHeader) {
+		t.Fatal(err)
+	}
+}
+
+// echoServer serves tunnels on a loopback listener: each stream for
+// "echo" echoes until EOF, then writes "bye" and closes its write side.
+type echoServer struct {
+	ln    net.Listener
+	mu    sync.Mutex
+	conns []net.Conn
+	svcs  atomic.Int64
+}
+
+func newEchoServer(t *testing.T) *echoServer {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &echoServer{ln: ln}
+	t.Cleanup(func() { ln.Close(); s.killAll() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s.mu.Lock()
+			s.conns = append(s.conns, c)
+			s.mu.Unlock()
+			go Serve(context.Background(), c, 0, func(c *Conn, svc string) {
+				defer c.Close()
+				if svc != "echo" {
+					return
+				}
+				s.svcs.Add(1)
+				io.Copy(c, c)
+				c.Write([]byte("bye"))
+				c.CloseWrite()
+			}, nil)
+		}
+	}()
+	return s
+}
+
+func (s *echoServer) killAll() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range s.conns {
+		c.Close()
+	}
+	s.conns = nil
+}
+
+func (s *echoServer) dial(ctx context.Context) (net.Conn, error) {
+	var d net.Dialer
+	return d.DialContext(ctx, "tcp", s.ln.Addr().String())
+}
+
+func TestHalfClose(t *testing.T) {
+	s := newEchoServer(t)
+	p := &Pool{}
+	defer p.Close()
+	c, err := p.Open(context.Background(), "k", 1, "echo", s.dial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write([]byte("hello"))
+	c.CloseWrite()
+	got, err := io.ReadAll(c)
+	if err != nil || string(got) != "hellobye" {
+		t.Fatalf("got %q, %v", got, err)
+	}
+	c.Close()
+	if tn, st := p.Stats(); tn != 1 || st != 0 {
+		t.Fatalf("tunnels %d streams %d", tn, st)
+	}
+}
+
+func TestPoolLeastLoadedAndLimit(t *testing.T) {
+	s := newEchoServer(t)
+	p := &Pool{MaxStreams: 2, MaxTunnels: 2}
+	defer p.Close()
+	var dials atomic.Int64
+	dial := func(ctx context.Context) (net.Conn, error) { dials.Add(1); return s.dial(ctx) }
+	var cs []*Conn
+	for i := range 4 {
+		c, err := p.Open(context.Background(), "k", 1, "echo", dial)
+		if err != nil {
+			t.Fatalf("stream %d: %v", i, err)
+		}
+		cs = append(cs, c)
+	}
+	if n := dials.Load(); n != 2 {
+		t.Fatalf("dials %d, want 2", n)
+	}
+	if _, err := p.Open(context.Background(), "k", 1, "echo", dial); !errors.Is(err, ErrNoRoom) {
+		t.Fatalf("fifth stream: %v", err)
+	}
+	// Free one slot on the first tunnel: the next stream takes it
+	// without a dial.
+	cs[0].Close()
+	c, err := p.Open(context.Background(), "k", 1, "echo", dial)
+	if err != nil || dials.Load() != 2 {
+		t.Fatalf("%v, dials %d", err, dials.Load())
+	}
+	cs = append(cs, c)
+	for _, c := range cs {
+		c.Close()
+	}
+	// A new bundle drains the old tunnels: a new one is dialed.
+	c, err = p.Open(context.Background(), "k", 2, "echo", dial)
+	if err != nil || dials.Load() != 3 {
+		t.Fatalf("%v, dials %d", err, dials.Load())
+	}
+	c.Close()
+}
+
+func TestTunnelDeath(t *testing.T) {
+	s := newEchoServer(t)
+	p := &Pool{}
+	defer p.Close()
+	c, err := p.Open(context.Background(), "k", 1, "echo", s.dial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write([]byte("x"))
+	buf := make([]byte, 1)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatal(err)
+	}
+	s.killAll()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(buf); !errors.Is(err, ErrTunnelLost) {
+		t.Fatalf("live stream after tunnel death: %v", err)
+	}
+	c.Close()
+	c2, err := p.Open(context.Background(), "k", 1, "echo", s.dial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	c2.Write([]byte("y"))
+	if _, err := io.ReadFull(c2, buf); err != nil || buf[0] != 'y' {
+		t.Fatalf("%q %v", buf, err)
+	}
+}
+
+var errTimeout = errors.New("timeout")
+
+func TestWrongServiceClosed(t *testing.T) {
+	s := newEchoServer(t)
+	p := &Pool{}
+	defer p.Close()
+	c, err := p.Open(context.Background(), "k", 1, "other", s.dial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil {
+		t.Fatalf("read %d, %v", n, err)
+	}
+	if s.svcs.Load() != 0 {
+		t.Fatal("handler served another service")
+	}
+}
+
+// TestNoAbsoluteHalfCloseLimit: yamux would reset a stream 5 minutes after
+// our FIN even while the peer is still sending (a long reply to a client
+// that half-closed after its request); the proxy's idle-based
+// -half-close-timeout is the only limit.
+func TestNoAbsoluteHalfCloseLimit(t *testing.T) {
+	if c := YamuxConfig(0); c.StreamCloseTimeout != 0 || c.MaxStreamWindowSize != StreamWindow {
+		t.Fatalf("%+v", c)
+	}
+}
