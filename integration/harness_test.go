@@ -1142,6 +1142,12 @@ type straitPair struct {
 // startStraitPair starts the pair and waits until data flows end to end.
 func startStraitPair(t testing.TB, a *agent, mode appMode, key byte, extraServerArgs ...string) *straitPair {
 	t.Helper()
+	return startStraitPairArgs(t, a, mode, key, extraServerArgs, nil)
+}
+
+// startStraitPairArgs is startStraitPair with extra arguments for both ends.
+func startStraitPairArgs(t testing.TB, a *agent, mode appMode, key byte, extraServerArgs, extraClientArgs []string) *straitPair {
+	t.Helper()
 	p := &straitPair{app: startApp(t, mode, key), src: uniq("web"), dst: uniq("db")}
 	pub := freePort(t)
 	p.publicAddr = hostPort(pub)
@@ -1150,7 +1156,7 @@ func startStraitPair(t testing.TB, a *agent, mode appMode, key byte, extraServer
 	a.registerProxy(t, p.dst, pub)
 	up := freePort(t)
 	p.upstreamAddr = hostPort(up)
-	p.client = startStrait(t, a, "-service", p.src, "-upstream", fmt.Sprintf("%s:%d", p.dst, up))
+	p.client = startStrait(t, a, append([]string{"-service", p.src, "-upstream", fmt.Sprintf("%s:%d", p.dst, up)}, extraClientArgs...)...)
 	if mode == modeEcho {
 		eventually(t, 30*time.Second, func() error { return echoVia("tcp", p.upstreamAddr, 1024, key) })
 	}

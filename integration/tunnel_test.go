@@ -42,7 +42,8 @@ func TestStraitPairTunnels(t *testing.T) {
 	}
 	a := startAgent(t)
 	const key = 0x5a
-	p := startStraitPair(t, a, modeEcho, key)
+	on := []string{"-tunnels", "on"}
+	p := startStraitPairArgs(t, a, modeEcho, key, on, on)
 	for i := 0; i < 3; i++ {
 		if err := echoVia("tcp", p.upstreamAddr, 64*1024, key); err != nil {
 			t.Fatal(err)
