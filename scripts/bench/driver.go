@@ -55,6 +55,7 @@ type options struct {
 	out       string
 	keep      bool
 	warmup    int
+	profile   string
 }
 
 // allTopologies is the run order; -only selects a subset.
@@ -82,6 +83,7 @@ func parseOptions(args []string) (*options, error) {
 	fs.StringVar(&o.consul, "consul", "bin/consul", "consul binary (agent and built-in proxy)")
 	fs.StringVar(&o.out, "out", "BENCHMARKS.md", "markdown report to write; empty: stdout only")
 	fs.BoolVar(&o.keep, "keep", false, "keep the temp dir (process logs) instead of deleting it")
+	fs.StringVar(&o.profile, "profile", "", "write CPU profiles of both proxies of the strait and built-in pairs during bulk 1, bulk 8, rr 32 and new conns to this directory (-pprof-addr)")
 	fs.IntVar(&o.warmup, "warmup", 300, "round trips (plus a few new connections) through each pair before measuring")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -203,7 +205,12 @@ func run(ctx context.Context, o *options) (rep *report, err error) {
 
 	env := &env{
 		procs: procs, tmp: tmp, self: self, agent: agent, backend: backendAddr,
-		strait: o.strait, consul: o.consul, tck: tck,
+		strait: o.strait, consul: o.consul, tck: tck, profile: o.profile,
+	}
+	if o.profile != "" {
+		if err := os.MkdirAll(o.profile, 0o755); err != nil {
+			return nil, err
+		}
 	}
 	for _, name := range o.only {
 		topo := topologies[name]

@@ -3,6 +3,11 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
 	"time"
 )
 
@@ -40,6 +45,8 @@ func measureAll(ctx context.Context, e *env, o *options, pr *pair, res *result) 
 	// cpu runs fn and records the CPU seconds the proxies (and, for
 	// context, the agent) used meanwhile.
 	cpu := func(phase string, fn func() error) (float64, error) {
+		stopProf := profile(ctx, e, pr, res.name, phase, o.duration)
+		defer stopProf()
 		before, err1 := sumCPUTicks(pids)
 		agentBefore, err2 := cpuTicks(e.agent.proc.pid())
 		ferr := fn()
@@ -201,4 +208,39 @@ func (e *errList) err(test string) error {
 		return nil
 	}
 	return fmt.Errorf("%s: %d transfer error(s), first: %s", test, n, e.notes[0])
+}
+
+// profile fetches CPU profiles of both proxies for the phases worth one
+// (bulk 1, bulk 8, new conns) while the phase runs, when -profile is set
+// and the pair serves pprof; the returned func waits for them.
+func profile(ctx context.Context, e *env, pr *pair, name, phase string, d time.Duration) (wait func()) {
+	if e.profile == "" || pr.pprofA == "" || (phase != phaseBulk1 && phase != phaseBulk8 && phase != phaseRR32 && phase != phaseConn) {
+		return func() {}
+	}
+	var wg sync.WaitGroup
+	for side, addr := range map[string]string{"A": pr.pprofA, "B": pr.pprofB} {
+		wg.Go(func() {
+			sec := max(1, int(d/time.Second)-1)
+			url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", addr, sec)
+			req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+			if err != nil {
+				return
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				logf("%s: profile %s: %v", name, side, err)
+				return
+			}
+			defer resp.Body.Close()
+			path := filepath.Join(e.profile, fmt.Sprintf("%s-%s-%s.pprof", name, side, phase))
+			f, err := os.Create(path)
+			if err != nil {
+				logf("%s: profile: %v", name, err)
+				return
+			}
+			defer f.Close()
+			io.Copy(f, resp.Body)
+		})
+	}
+	return wg.Wait
 }

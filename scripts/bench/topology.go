@@ -21,6 +21,7 @@ type env struct {
 	strait  string
 	consul  string
 	tck     int64
+	profile string // directory for CPU profiles; empty: none
 }
 
 // pair is one running topology: clients dial entry, which is proxy A's
@@ -28,6 +29,8 @@ type env struct {
 type pair struct {
 	entry string
 	a, b  *proc
+	// pprofA, pprofB serve net/http/pprof (-pprof-addr) when profiling.
+	pprofA, pprofB string
 }
 
 // pids are the measured proxy processes.
@@ -87,8 +90,18 @@ func startMeshPair(ctx context.Context, e *env, name string, argv []string, extr
 	common = append(common, extra...)
 
 	pr := &pair{entry: upstream}
+	var aProf, bProf []string
+	if e.profile != "" {
+		pp, err := freePorts(2)
+		if err != nil {
+			return nil, err
+		}
+		pr.pprofA, pr.pprofB = "127.0.0.1:"+strconv.Itoa(pp[0]), "127.0.0.1:"+strconv.Itoa(pp[1])
+		aProf, bProf = []string{"-pprof-addr", pr.pprofA}, []string{"-pprof-addr", pr.pprofB}
+	}
 	bArgs := append(append([]string{}, argv[1:]...),
 		"-service", server, "-service-addr", e.backend, "-listen", public, "-register")
+	bArgs = append(bArgs, bProf...)
 	pr.b, err = e.procs.start(name+"-B", e.tmp, argv[0], append(bArgs, common...)...)
 	if err != nil {
 		return nil, err
@@ -105,6 +118,7 @@ func startMeshPair(ctx context.Context, e *env, name string, argv []string, extr
 
 	aArgs := append(append([]string{}, argv[1:]...),
 		"-service", client, "-upstream", server+":"+upstream)
+	aArgs = append(aArgs, aProf...)
 	pr.a, err = e.procs.start(name+"-A", e.tmp, argv[0], append(aArgs, common...)...)
 	if err != nil {
 		return pr, err
