@@ -14,15 +14,27 @@ import (
 // Each direction waits for data with a small buffer and borrows a large one
 // only while data keeps coming in full reads, so an idle connection holds
 // 2 KiB per direction instead of a bulk-sized buffer. bigSize is two TLS
-// records of plaintext (a tls.Conn read returns at most one record).
+// records of plaintext (a tls.Conn read returns at most one record) less a
+// tunnel frame header (12 bytes), so that a full read leaves as exactly two
+// records both on a classic TLS connection and as one tunnel frame (see
+// tunnel's coalescer); with 32 KiB, each tunnel frame needed a third,
+// 12-byte record and a third write system call.
 const (
 	smallSize = 2 << 10
-	bigSize   = 32 << 10
+	bigSize   = 2*16384 - 12
 )
 
+// streamBigSize is the burst buffer for data going into a tunnel stream:
+// eight TLS records less a frame header, so each frame is eight full
+// records. Larger frames mean fewer hand-offs between the copy loop and the
+// tunnel's send and receive loops per byte, which is what a tunnel costs
+// over a plain TLS connection.
+const streamBigSize = 8*16384 - 12
+
 var (
-	smallPool = sync.Pool{New: func() any { b := make([]byte, smallSize); return &b }}
-	bigPool   = sync.Pool{New: func() any { b := make([]byte, bigSize); return &b }}
+	smallPool     = sync.Pool{New: func() any { b := make([]byte, smallSize); return &b }}
+	bigPool       = sync.Pool{New: func() any { b := make([]byte, bigSize); return &b }}
+	streamBigPool = sync.Pool{New: func() any { b := make([]byte, streamBigSize); return &b }}
 )
 
 // DefaultHalfCloseTimeout is how long a connection may stay idle after one
@@ -164,14 +176,8 @@ func copyHalf(dst, src net.Conn, otherDone <-chan struct{}, idle time.Duration, 
 }
 
 func copyBuffered(dst, src net.Conn, otherDone <-chan struct{}, idle time.Duration, count *atomic.Int64) error {
-	small := smallPool.Get().(*[]byte)
-	defer smallPool.Put(small)
-	var big *[]byte
-	defer func() {
-		if big != nil {
-			bigPool.Put(big)
-		}
-	}()
+	rd := newIdleReader(src, dst)
+	defer rd.release()
 	halfOpen := false
 	for {
 		if !halfOpen {
@@ -184,11 +190,7 @@ func copyBuffered(dst, src net.Conn, otherDone <-chan struct{}, idle time.Durati
 		if halfOpen {
 			src.SetReadDeadline(time.Now().Add(idle))
 		}
-		buf := *small
-		if big != nil {
-			buf = *big
-		}
-		nr, rerr := src.Read(buf)
+		buf, nr, rerr := rd.read()
 		if nr > 0 {
 			nw, werr := dst.Write(buf[:nr])
 			count.Add(int64(nw))
@@ -196,19 +198,147 @@ func copyBuffered(dst, src net.Conn, otherDone <-chan struct{}, idle time.Durati
 				return werr
 			}
 		}
-		switch {
-		case big == nil && nr == smallSize:
-			big = bigPool.Get().(*[]byte) // a burst: read the rest in bulk
-		case big != nil && nr < smallSize:
-			bigPool.Put(big) // the burst is over; wait on the small buffer
-			big = nil
-		}
+		rd.done(nr)
 		if rerr != nil {
 			if rerr == io.EOF {
 				return nil
 			}
 			return rerr
 		}
+	}
+}
+
+// readWaiter is a connection that can wait for data without a buffer
+// (tunnel streams).
+type readWaiter interface {
+	// WaitRead blocks until a Read would return data, EOF or an error.
+	WaitRead() error
+}
+
+// idleReader reads one direction's source so that an idle connection
+// holds no buffer, or only a small one:
+//   - sockets (the app side, TCP or unix) are read with the raw
+//     descriptor: a pooled big buffer is taken for the read attempt and
+//     given back at once when the socket has nothing (EAGAIN); the
+//     runtime then waits for readability with no buffer held;
+//   - tunnel streams wait with WaitRead, then read into a pooled buffer;
+//   - anything else (TLS) waits on a small pooled buffer and borrows a
+//     big one only while reads come back full.
+//
+// In a burst (a read filled the big buffer) the big buffer is kept for the
+// next read.
+type idleReader struct {
+	src    net.Conn
+	raw    syscall.RawConn
+	waiter readWaiter
+	small  *[]byte
+	big    *[]byte
+	cur    *[]byte    // the buffer of the last read
+	pool   *sync.Pool // of big buffers
+}
+
+func newIdleReader(src, dst net.Conn) *idleReader {
+	r := &idleReader{src: src, pool: &bigPool}
+	if _, ok := dst.(readWaiter); ok {
+		r.pool = &streamBigPool
+	}
+	if w, ok := src.(readWaiter); ok {
+		r.waiter = w
+		return r
+	}
+	switch c := src.(type) {
+	case *net.TCPConn, *net.UnixConn:
+		if raw, err := c.(syscall.Conn).SyscallConn(); err == nil {
+			r.raw = raw
+			return r
+		}
+	}
+	r.small = smallPool.Get().(*[]byte)
+	return r
+}
+
+// read returns the buffer read into and what the read returned.
+func (r *idleReader) read() ([]byte, int, error) {
+	switch {
+	case r.big != nil:
+		r.cur = r.big
+		n, err := r.src.Read(*r.big)
+		return *r.big, n, err
+	case r.raw != nil:
+		return r.readRaw()
+	case r.waiter != nil:
+		if err := r.waiter.WaitRead(); err != nil {
+			return nil, 0, err
+		}
+		r.big = r.pool.Get().(*[]byte)
+		r.cur = r.big
+		n, err := r.src.Read(*r.big)
+		return *r.big, n, err
+	default:
+		r.cur = r.small
+		n, err := r.src.Read(*r.small)
+		return *r.small, n, err
+	}
+}
+
+// readRaw reads the socket into a big buffer held only while data is
+// there. The runtime calls fn again once the socket is readable when fn
+// returns false, and honours the read deadline meanwhile.
+func (r *idleReader) readRaw() ([]byte, int, error) {
+	var n int
+	var rerr error
+	err := r.raw.Read(func(fd uintptr) bool {
+		if r.big == nil {
+			r.big = r.pool.Get().(*[]byte)
+		}
+		for {
+			n, rerr = syscall.Read(int(fd), *r.big)
+			if rerr != syscall.EINTR {
+				break
+			}
+		}
+		if rerr == syscall.EAGAIN {
+			r.pool.Put(r.big)
+			r.big = nil
+			return false
+		}
+		return true
+	})
+	if err != nil { // the deadline, or the connection was closed
+		return nil, 0, err
+	}
+	r.cur = r.big
+	switch {
+	case rerr != nil:
+		return *r.big, 0, os.NewSyscallError("read", rerr)
+	case n == 0:
+		return *r.big, 0, io.EOF
+	}
+	return *r.big, n, nil
+}
+
+// done is called after the data of a read was written: a big buffer that
+// the read did not fill goes back to the pool; a full small read starts a
+// burst in a big one.
+func (r *idleReader) done(n int) {
+	switch {
+	case r.cur == r.small && r.small != nil && n == smallSize:
+		r.big = r.pool.Get().(*[]byte)
+	case r.cur == r.big && r.big != nil && n < len(*r.big):
+		r.pool.Put(r.big)
+		r.big = nil
+	}
+	r.cur = nil
+}
+
+func (r *idleReader) release() {
+	if r.big != nil {
+		r.pool.Put(r.big)
+		r.big = nil
+	}
+	if r.small != nil {
+		smallPool.Put(r.small)
+		r.small = nil
 	}
 }
 

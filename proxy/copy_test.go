@@ -235,3 +235,87 @@ func benchPipe(b *testing.B, wrap func(net.Conn) net.Conn) {
 		}
 	}
 }
+
+// TestIdleReaderSocket: a socket source is read through its raw descriptor:
+// data arrives intact, the burst buffer goes back to the pool after a
+// short read and is kept after a full one, the read deadline is honoured
+// and EOF is io.EOF.
+func TestIdleReaderSocket(t *testing.T) {
+	t.Parallel()
+	a, b := tcpPair(t)
+	r := newIdleReader(b, a)
+	defer r.release()
+	if r.raw == nil {
+		t.Fatal("TCP source not read through the raw descriptor")
+	}
+	go a.Write([]byte("hello"))
+	buf, n, err := r.read()
+	if err != nil || string(buf[:n]) != "hello" {
+		t.Fatalf("read %q, %v", buf[:n], err)
+	}
+	r.done(n)
+	if r.big != nil {
+		t.Fatal("buffer kept after a short read")
+	}
+	full := make([]byte, bigSize)
+	go a.Write(full)
+	got := 0
+	for got < bigSize {
+		_, n, err := r.read()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got += n
+		r.done(n)
+		if n == bigSize && r.big == nil {
+			t.Fatal("buffer given back after a full read")
+		}
+	}
+	b.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+	if _, _, err := r.read(); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("deadline: %v", err)
+	}
+	b.SetReadDeadline(time.Time{})
+	a.(*net.TCPConn).CloseWrite()
+	for {
+		_, n, err := r.read()
+		r.done(n)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("want EOF, got %v", err)
+		}
+	}
+}
+
+// waitConn is a net.Conn with WaitRead, as tunnel streams have.
+type waitConn struct {
+	net.Conn
+	waits int
+}
+
+func (w *waitConn) WaitRead() error {
+	w.waits++
+	_, err := w.Conn.Read(nil)
+	return err
+}
+
+// TestIdleReaderWaiter: a source that can wait without a buffer is waited
+// on, and data going into a tunnel stream is read in stream-sized bursts.
+func TestIdleReaderWaiter(t *testing.T) {
+	t.Parallel()
+	a, b := tcpPair(t)
+	src := &waitConn{Conn: b}
+	r := newIdleReader(src, &waitConn{Conn: a})
+	defer r.release()
+	if r.waiter == nil || r.pool != &streamBigPool {
+		t.Fatalf("waiter %v, stream pool %v", r.waiter != nil, r.pool == &streamBigPool)
+	}
+	go a.Write([]byte("x"))
+	buf, n, err := r.read()
+	if err != nil || string(buf[:n]) != "x" || src.waits != 1 || len(buf) != streamBigSize {
+		t.Fatalf("read %q, %v, waits %d, buffer %d", buf[:n], err, src.waits, len(buf))
+	}
+	r.done(n)
+}

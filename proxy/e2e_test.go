@@ -73,7 +73,7 @@ func (l *lines) none(t *testing.T) {
 }
 
 // echoApp accepts connections and echoes until EOF.
-func echoApp(t *testing.T) string {
+func echoApp(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -107,7 +107,7 @@ type harness struct {
 
 // startHarness runs a proxy for "web" with a public listener in front of an
 // echo app and two upstreams, against a fake agent, and waits until ready.
-func startHarness(t *testing.T, mode AccessLog, pub config.Public, opt ...func(*Options)) *harness {
+func startHarness(t testing.TB, mode AccessLog, pub config.Public, opt ...func(*Options)) *harness {
 	t.Helper()
 	h := &harness{agent: testagent.Start(t), m: metrics.Discard(), access: newLines(), app: echoApp(t)}
 	h.agent.SetIntentions(
@@ -164,7 +164,7 @@ func startHarness(t *testing.T, mode AccessLog, pub config.Public, opt ...func(*
 }
 
 // eventually polls cond until it holds, for at most 10s.
-func eventually(t *testing.T, cond func() error) {
+func eventually(t testing.TB, cond func() error) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {

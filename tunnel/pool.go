@@ -109,7 +109,7 @@ func (p *Pool) keysLocked() map[string][]*tun {
 }
 
 func (p *Pool) newTun(conn net.Conn, gen any) (*tun, error) {
-	sess, err := yamux.Client(conn, YamuxConfig(p.maxStreams()))
+	sess, err := yamux.Client(newCoalescer(conn), YamuxConfig(p.maxStreams()))
 	if err != nil {
 		conn.Close()
 		return nil, err

@@ -21,7 +21,7 @@ func Serve(ctx context.Context, conn net.Conn, maxStreams int, handle func(c *Co
 	if maxStreams <= 0 {
 		maxStreams = DefaultMaxStreams
 	}
-	sess, err := yamux.Server(conn, YamuxConfig(maxStreams))
+	sess, err := yamux.Server(newCoalescer(conn), YamuxConfig(maxStreams))
 	if err != nil {
 		return err
 	}
