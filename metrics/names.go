@@ -32,6 +32,11 @@ var (
 	// InboundAppDialFailed counts authorized connections whose local
 	// application could not be dialed {dst, reason}.
 	InboundAppDialFailed = []string{"inbound", "app_dial_failed"}
+
+	// InboundTunnelRefused counts inbound tunnels and tunnel streams
+	// refused by a limit or a bad stream header; labels dst, reason
+	// (max_tunnels, max_streams, stream_rate, bad_header).
+	InboundTunnelRefused = []string{"inbound", "tunnel_refused"}
 	// InboundDuration samples the duration of proxied inbound connections
 	// in milliseconds {dst}.
 	InboundDuration = []string{"inbound", "conn_duration"}

@@ -123,7 +123,11 @@ func (p *pipe) run(dst, src net.Conn, count *atomic.Int64, dir string) {
 	err := copyHalf(dst, src, p.oneDone, p.idle, count)
 	if err != nil {
 		p.errOnce.Do(func() { p.res.Err = dirErr(dir, err) })
-		// Unblock the other direction now rather than at its next deadline.
+		// Unblock the other direction now rather than at its next deadline,
+		// and make the close a reset (RST, not FIN), so that neither peer
+		// takes an aborted connection for a finished one.
+		abortive(p.a)
+		abortive(p.b)
 		p.a.Close()
 		p.b.Close()
 	}
@@ -140,6 +144,18 @@ func (p *pipe) run(dst, src net.Conn, count *atomic.Int64, dir string) {
 		p.b.Close()
 		p.res.AToB, p.res.BToA = p.ctr.AToB.Load(), p.ctr.BToA.Load()
 		p.done(p.res)
+	}
+}
+
+// abortive makes Close on c send a TCP reset: SO_LINGER 0 on the socket
+// (under TLS too). Tunnel streams cannot be reset (yamux has no public
+// RST); their peer reads EOF.
+func abortive(c net.Conn) {
+	if nc, ok := c.(interface{ NetConn() net.Conn }); ok {
+		c = nc.NetConn()
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetLinger(0)
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"os"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -319,3 +320,33 @@ func TestIdleReaderWaiter(t *testing.T) {
 	}
 	r.done(n)
 }
+
+// TestPipeResetIsReset: a reset on one side is a reset (not EOF) on the
+// other, on the splice path and on the buffered one.
+func TestPipeResetIsReset(t *testing.T) {
+	t.Parallel()
+	for _, wrap := range []func(net.Conn) net.Conn{
+		func(c net.Conn) net.Conn { return c },
+		func(c net.Conn) net.Conn { return netConnOf{wrapped{c}} },
+	} {
+		client, proxyDown := tcpPair(t)
+		proxyUp, app := tcpPair(t)
+		go Pipe(wrap(proxyDown), wrap(proxyUp), time.Minute)
+		client.Write([]byte("x"))
+		buf := make([]byte, 1)
+		if _, err := io.ReadFull(app, buf); err != nil {
+			t.Fatal(err)
+		}
+		client.(*net.TCPConn).SetLinger(0)
+		client.Close()
+		app.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := app.Read(buf); !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("app read after the client reset: %v, want ECONNRESET", err)
+		}
+	}
+}
+
+// netConnOf exposes the socket under a wrapper, as tls.Conn does.
+type netConnOf struct{ wrapped }
+
+func (n netConnOf) NetConn() net.Conn { return n.wrapped.Conn }

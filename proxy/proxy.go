@@ -68,9 +68,13 @@ type Options struct {
 	// peers, on the public listener and for upstreams.
 	Tunnels bool
 	// TunnelMaxStreams limits concurrent streams per tunnel (both sides);
-	// TunnelMaxPerPeer limits client tunnels per endpoint. Zero means the
-	// package tunnel defaults.
+	// TunnelMaxPerPeer limits client tunnels per endpoint and inbound
+	// tunnels per peer identity. TunnelStreamRate and TunnelStreamBurst
+	// limit how fast a peer may open streams on one inbound tunnel. Zero
+	// means the package tunnel defaults.
 	TunnelMaxStreams, TunnelMaxPerPeer int
+	TunnelStreamRate                   float64
+	TunnelStreamBurst                  int
 }
 
 // Proxy runs the public listener and the upstream listeners of one Config
@@ -112,7 +116,9 @@ type Proxy struct {
 
 	pool      *tunnel.Pool // nil without Tunnels
 	inTunnels atomic.Int64 // inbound tunnels open
-	inStreams atomic.Int64 // inbound streams active
+	// inTunnelsByPeer caps inbound tunnels per peer identity.
+	inTunnelsByPeer peerCounts
+	inStreams       atomic.Int64 // inbound streams active
 }
 
 type publicListener struct {

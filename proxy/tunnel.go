@@ -9,6 +9,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/time/rate"
+
 	"github.com/straitproxy/strait/metrics"
 	"github.com/straitproxy/strait/tunnel"
 )
@@ -38,6 +40,15 @@ func (p *Proxy) Tunnels() TunnelStats {
 // inbound connection. When the listener starts draining the tunnel takes no
 // new streams and ends once its live ones are done.
 func (p *Proxy) serveTunnel(ctx context.Context, raw net.Conn, tc *tls.Conn, pl *publicListener) {
+	peer := peerID(tc)
+	dst := metrics.Label{Name: "dst", Value: p.service}
+	if !p.inTunnelsByPeer.acquire(peer, p.opts.TunnelMaxPerPeer) {
+		p.log.Warn("inbound tunnel refused: too many tunnels from this peer", "source", peer, "remote", addrString(raw.RemoteAddr()))
+		p.metrics.IncrCounter(metrics.InboundTunnelRefused, 1, []metrics.Label{dst, {Name: "reason", Value: "max_tunnels"}})
+		tc.Close()
+		return
+	}
+	defer p.inTunnelsByPeer.release(peer)
 	p.inTunnels.Add(1)
 	defer p.inTunnels.Add(-1)
 	sctx, cancel := context.WithCancel(ctx)
@@ -52,12 +63,30 @@ func (p *Proxy) serveTunnel(ctx context.Context, raw net.Conn, tc *tls.Conn, pl 
 		}
 	}()
 	var live sync.WaitGroup
-	err := tunnel.Serve(sctx, tc, p.opts.TunnelMaxStreams, func(c *tunnel.Conn, svc string) {
+	lim := tunnel.Limits{MaxStreams: p.opts.TunnelMaxStreams, StreamRate: rate.Limit(p.opts.TunnelStreamRate), StreamBurst: p.opts.TunnelStreamBurst}
+	// Refusals by a limit are logged once per tunnel and counted always.
+	var warnedMu sync.Mutex
+	warned := map[string]bool{}
+	err := tunnel.Serve(sctx, tc, lim, func(c *tunnel.Conn, svc string) {
 		live.Add(1)
 		p.inStreams.Add(1)
 		p.handleStream(ctx, raw, tc, c, svc, pl, func() { p.inStreams.Add(-1); live.Done() })
 	}, func(err error) {
-		p.log.Warn("inbound tunnel stream refused", "source", peerID(tc), "remote", addrString(raw.RemoteAddr()), "error", err)
+		reason := "bad_header"
+		switch {
+		case errors.Is(err, tunnel.ErrStreamRate):
+			reason = "stream_rate"
+		case errors.Is(err, tunnel.ErrTooManyStreams):
+			reason = "max_streams"
+		}
+		p.metrics.IncrCounter(metrics.InboundTunnelRefused, 1, []metrics.Label{dst, {Name: "reason", Value: reason}})
+		warnedMu.Lock()
+		first := !warned[reason]
+		warned[reason] = true
+		warnedMu.Unlock()
+		if reason == "bad_header" || first {
+			p.log.Warn("inbound tunnel stream refused", "source", peer, "remote", addrString(raw.RemoteAddr()), "error", err)
+		}
 	})
 	if err != nil && !isClosed(err) && !errors.Is(err, net.ErrClosed) {
 		p.log.Info("inbound tunnel ended", "source", peerID(tc), "remote", addrString(raw.RemoteAddr()), "error", err)
@@ -122,4 +151,36 @@ func (p *Proxy) handleStream(ctx context.Context, raw net.Conn, tc *tls.Conn, c 
 	}
 	handedOff = true
 	p.proxy(c, c, app, pl.stats, rec, release, nil)
+}
+
+// peerCounts counts live inbound tunnels per peer identity.
+type peerCounts struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+// acquire takes a place for peer if it has fewer than max (<= 0 means
+// tunnel.DefaultMaxTunnels) tunnels.
+func (c *peerCounts) acquire(peer string, max int) bool {
+	if max <= 0 {
+		max = tunnel.DefaultMaxTunnels
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.n[peer] >= max {
+		return false
+	}
+	if c.n == nil {
+		c.n = make(map[string]int)
+	}
+	c.n[peer]++
+	return true
+}
+
+func (c *peerCounts) release(peer string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.n[peer]--; c.n[peer] <= 0 {
+		delete(c.n, peer)
+	}
 }

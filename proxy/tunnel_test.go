@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -159,4 +160,48 @@ func TestTunnelStreamForAnotherService(t *testing.T) {
 		t.Fatal(err)
 	}
 	roundTrip(t, c2, "ok")
+}
+
+// TestTunnelsPerPeerLimit: a peer that opens more inbound tunnels than
+// TunnelMaxPerPeer gets the extra ones closed; its first one keeps working.
+func TestTunnelsPerPeerLimit(t *testing.T) {
+	t.Parallel()
+	h := startHarness(t, AccessLogOff, config.Public{}, withTunnels, func(o *Options) { o.TunnelMaxPerPeer = 1 })
+	cert := h.agent.ClientCert("web")
+	dial := func() *tls.Conn {
+		tc, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", h.p.PublicAddr().String(), &tls.Config{
+			Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true, NextProtos: []string{tlsutil.ALPNMux},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tc
+	}
+	var pool tunnel.Pool
+	defer pool.Close()
+	first, err := pool.Adopt("first", nil, dial(), "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	roundTrip(t, first, "one")
+	eventually(t, func() error {
+		if n := h.p.Tunnels().InboundTunnels; n != 1 {
+			return fmt.Errorf("inbound tunnels %d", n)
+		}
+		return nil
+	})
+	second, err := pool.Adopt("second", nil, dial(), "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	second.Write([]byte("two"))
+	second.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if b, err := io.ReadAll(second); len(b) != 0 || !errors.Is(err, tunnel.ErrTunnelLost) {
+		t.Fatalf("second tunnel from the same peer: read %q, %v", b, err)
+	}
+	c, err := pool.Open(context.Background(), "first", nil, "web", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roundTrip(t, c, "still")
 }

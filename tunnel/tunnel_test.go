@@ -54,7 +54,9 @@ type echoServer struct {
 	svcs  atomic.Int64
 }
 
-func newEchoServer(t *testing.T) *echoServer {
+func newEchoServer(t *testing.T) *echoServer { return newEchoServerLimits(t, Limits{}, nil) }
+
+func newEchoServerLimits(t *testing.T, lim Limits, onErr func(error)) *echoServer {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -70,7 +72,7 @@ func newEchoServer(t *testing.T) *echoServer {
 			s.mu.Lock()
 			s.conns = append(s.conns, c)
 			s.mu.Unlock()
-			go Serve(context.Background(), c, 0, func(c *Conn, svc string) {
+			go Serve(context.Background(), c, lim, func(c *Conn, svc string) {
 				defer c.Close()
 				if svc != "echo" {
 					return
@@ -79,7 +81,7 @@ func newEchoServer(t *testing.T) *echoServer {
 				io.Copy(c, c)
 				c.Write([]byte("bye"))
 				c.CloseWrite()
-			}, nil)
+			}, onErr)
 		}
 	}()
 	return s
@@ -215,5 +217,42 @@ func TestWrongServiceClosed(t *testing.T) {
 func TestNoAbsoluteHalfCloseLimit(t *testing.T) {
 	if c := YamuxConfig(0); c.StreamCloseTimeout != 0 || c.MaxStreamWindowSize != StreamWindow {
 		t.Fatalf("%+v", c)
+	}
+}
+
+// TestStreamRateLimit: streams opened faster than the tunnel's rate allows
+// are closed before the handler runs, and reported.
+func TestStreamRateLimit(t *testing.T) {
+	refused := make(chan error, 10)
+	s := newEchoServerLimits(t, Limits{StreamRate: 0.001, StreamBurst: 2}, func(err error) { refused <- err })
+	p := &Pool{}
+	defer p.Close()
+	for i := range 3 {
+		c, err := p.Open(context.Background(), "k", 1, "echo", s.dial)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte("x"))
+		c.CloseWrite()
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		got, err := io.ReadAll(c)
+		c.Close()
+		if i < 2 && string(got) != "xbye" {
+			t.Fatalf("stream %d within the burst: %q %v", i, got, err)
+		}
+		if i == 2 && len(got) != 0 {
+			t.Fatalf("stream over the rate got %q", got)
+		}
+	}
+	select {
+	case err := <-refused:
+		if !errors.Is(err, ErrStreamRate) {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("refusal not reported")
+	}
+	if n := s.svcs.Load(); n != 2 {
+		t.Fatalf("handler ran for %d streams, want 2", n)
 	}
 }

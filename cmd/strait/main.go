@@ -104,7 +104,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.StringVar(&o.pprofAddr, "pprof-addr", "", "Serve net/http/pprof on this host:port.")
 	fs.DurationVar(&o.shutdownGrace, "shutdown-grace", 15*time.Second, "On SIGINT/SIGTERM, how long live connections may finish.")
 	fs.DurationVar(&o.halfCloseTimeout, "half-close-timeout", proxy.DefaultHalfCloseTimeout, "Idle limit of a connection one side of which has finished sending.")
-	fs.StringVar(&o.tunnels, "tunnels", "off", "Multiplex connections to other strait proxies as streams in pooled mTLS tunnels (ALPN strait-mux/1): on or off. Other peers always get one TLS connection per connection.")
+	fs.StringVar(&o.tunnels, "tunnels", "on", "Multiplex connections to other strait proxies as streams in pooled mTLS tunnels (ALPN strait-mux/1): on or off. Other peers always get one TLS connection per connection.")
 	fs.StringVar(&o.tlsKex, "tls-kex", "hybrid", "TLS key exchange: hybrid (post-quantum X25519MLKEM768 first, Go's default) or x25519 (cheaper handshakes).")
 	fs.StringVar(&o.ktls, "ktls", "auto", "Kernel TLS offload: auto (probe and report at start) or off.")
 	fs.StringVar(&o.api.Addr, "http-addr", "", "Consul agent HTTP address. Env CONSUL_HTTP_ADDR (default 127.0.0.1:8500).")

@@ -59,7 +59,7 @@ type options struct {
 }
 
 // allTopologies is the run order; -only selects a subset.
-var allTopologies = []string{"strait", "strait-tunnels", "strait-x25519", "builtin", "relay", "haproxy"}
+var allTopologies = []string{"strait", "strait-classic", "strait-x25519", "builtin", "relay", "haproxy"}
 
 func main() {
 	if len(os.Args) > 1 {

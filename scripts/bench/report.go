@@ -169,7 +169,8 @@ var cpuColumns = func() []column {
 }()
 
 // table renders results as a markdown table, one row per topology plus the
-// ratio rows "strait / built-in" and "strait / relay".
+// the ratio rows: strait (tunnels, the default) against the built-in pair,
+// the relay and strait's classic path, and classic against the built-in.
 func (r *report) table(cols []column) string {
 	rows := [][]string{{"topology"}}
 	for _, c := range cols {
@@ -202,12 +203,17 @@ func (r *report) table(cols []column) string {
 		}
 		rows = append(rows, row)
 	}
-	for _, other := range []struct{ name, label string }{{"builtin", "strait / built-in"}, {"relay", "strait / relay"}} {
-		s, o := byName["strait"], byName[other.name]
+	for _, ratio := range []struct{ num, den, label string }{
+		{"strait", "builtin", "strait / built-in"},
+		{"strait", "relay", "strait / relay"},
+		{"strait", "strait-classic", "strait tunnels / classic"},
+		{"strait-classic", "builtin", "strait classic / built-in"},
+	} {
+		s, o := byName[ratio.num], byName[ratio.den]
 		if s == nil || o == nil || len(s.m) == 0 || len(o.m) == 0 {
 			continue
 		}
-		row := []string{"*" + other.label + "*"}
+		row := []string{"*" + ratio.label + "*"}
 		for _, c := range cols {
 			sv, ok1 := s.m[c.key]
 			ov, ok2 := o.m[c.key]
@@ -285,7 +291,7 @@ func (r *report) markdown() string {
 	w("%s\n", r.table(cpuColumns))
 
 	w("## Notes\n\n")
-	w("- Topologies: **strait pair** (`bin/strait`, B with `-register`), **built-in pair** (`consul connect proxy`, same flags), ")
+	w("- Topologies: **strait pair** (`bin/strait`, B with `-register`; tunnels between the two by default, and the classic one-TLS-connection-per-connection path with `-tunnels=off`), **built-in pair** (`consul connect proxy`, same flags), ")
 	w("**plain relay pair** (two `bench relay` processes: accept, dial, `io.Copy` both ways with half-close, splice, no TLS: the no-crypto ceiling), ")
 	w("**HAProxy mTLS pair** (only if `haproxy` is installed; agent-issued certificates, chain verified, no SPIFFE ID check). ")
 	w("Each pair has its own service names (`bench-client-<topology>`, `bench-server-<topology>`); B is listed passing in `/v1/health/connect` before A starts.\n")

@@ -52,15 +52,15 @@ type topology struct {
 }
 
 var topologies = map[string]topology{
-	"strait-tunnels": {label: "strait pair (tunnels, -tunnels=on)", start: func(ctx context.Context, e *env) (*pair, error) {
-		return startMeshPair(ctx, e, "strait-tunnels", []string{e.strait}, "-shutdown-grace", "1s", "-tunnels", "on")
-	}},
-	"strait": {label: "strait pair (classic, default)", start: func(ctx context.Context, e *env) (*pair, error) {
+	"strait": {label: "strait pair (tunnels, default)", start: func(ctx context.Context, e *env) (*pair, error) {
 		// A short drain: the harness closes its connections before stopping.
 		return startMeshPair(ctx, e, "strait", []string{e.strait}, "-shutdown-grace", "1s")
 	}},
-	"strait-x25519": {label: "strait pair (classic, -tls-kex x25519)", start: func(ctx context.Context, e *env) (*pair, error) {
-		return startMeshPair(ctx, e, "strait-x25519", []string{e.strait}, "-shutdown-grace", "1s", "-tls-kex", "x25519")
+	"strait-classic": {label: "strait pair (classic, -tunnels=off)", start: func(ctx context.Context, e *env) (*pair, error) {
+		return startMeshPair(ctx, e, "strait-classic", []string{e.strait}, "-shutdown-grace", "1s", "-tunnels", "off")
+	}},
+	"strait-x25519": {label: "strait pair (classic, -tunnels=off -tls-kex x25519)", start: func(ctx context.Context, e *env) (*pair, error) {
+		return startMeshPair(ctx, e, "strait-x25519", []string{e.strait}, "-shutdown-grace", "1s", "-tunnels", "off", "-tls-kex", "x25519")
 	}},
 	"builtin": {label: "built-in pair", start: func(ctx context.Context, e *env) (*pair, error) {
 		return startMeshPair(ctx, e, "builtin", []string{e.consul, "connect", "proxy"})
