@@ -42,6 +42,12 @@ func TestStraitToStrait(t *testing.T) {
 		}
 	}
 
+	// Two strait peers use tunnels by default: the connections above were
+	// streams, and so are the denied ones below (refused per stream).
+	if st := getTunnelStats(t, p.client); st.Tunnels.OutboundTunnels < 1 {
+		t.Fatalf("strait pair without tunnels: %+v", *st.Tunnels)
+	}
+
 	// Deny: wait until strait has observed it, then every new connection
 	// is refused and the app is never dialed.
 	a.setIntention(t, p.src, p.dst, api.IntentionActionDeny)
@@ -140,5 +146,9 @@ func TestStraitHalfClose(t *testing.T) {
 		if got != want.String()+"\n" {
 			t.Fatalf("%d bytes: reply %q, want %q", size, got, want.String()+"\n")
 		}
+	}
+	// Over tunnels (the default between strait peers).
+	if st := getTunnelStats(t, p.server); st.Tunnels.InboundTunnels < 1 {
+		t.Fatalf("half-close tested without tunnels: %+v", *st.Tunnels)
 	}
 }

@@ -11,14 +11,14 @@ import (
 	"time"
 )
 
-// Each direction waits for data with a small buffer and borrows a large one
-// only while data keeps coming in full reads, so an idle connection holds
-// 2 KiB per direction instead of a bulk-sized buffer. bigSize is two TLS
-// records of plaintext (a tls.Conn read returns at most one record) less a
-// tunnel frame header (12 bytes), so that a full read leaves as exactly two
-// records both on a classic TLS connection and as one tunnel frame (see
-// tunnel's coalescer); with 32 KiB, each tunnel frame needed a third,
-// 12-byte record and a third write system call.
+// An idle direction holds no buffer (sockets, tunnel streams) or a small
+// one (TLS); a large one is borrowed only while data keeps coming in full
+// reads (see idleReader). bigSize is two TLS records of plaintext (a
+// tls.Conn read returns at most one record) less a tunnel frame header (12
+// bytes), so that a full read leaves as exactly two records both on a
+// classic TLS connection and in a tunnel frame (see tunnel's coalescer);
+// with 32 KiB, each tunnel frame needed a third, 12-byte record and a
+// third write system call.
 const (
 	smallSize = 2 << 10
 	bigSize   = 2*16384 - 12
