@@ -10,27 +10,9 @@ import (
 	"github.com/straitproxy/strait/config"
 )
 
-// sinkApp accepts connections and reads them to EOF, then closes.
+// sinkApp accepts connections and reads them to EOF.
 func sinkApp(tb testing.TB) string {
-	tb.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(io.Discard, c)
-			}()
-		}
-	}()
-	return ln.Addr().String()
+	return serveApp(tb, func(c net.Conn) { io.Copy(io.Discard, c) })
 }
 
 // BenchmarkSelfLoopUpload uploads through the proxy's upstream listener,

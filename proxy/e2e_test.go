@@ -74,6 +74,12 @@ func (l *lines) none(t *testing.T) {
 
 // echoApp accepts connections and echoes until EOF.
 func echoApp(t testing.TB) string {
+	return serveApp(t, func(c net.Conn) { io.Copy(c, c) })
+}
+
+// serveApp accepts connections on loopback and runs handle on each, then
+// closes it; it returns the address.
+func serveApp(t testing.TB, handle func(net.Conn)) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -88,7 +94,7 @@ func echoApp(t testing.TB) string {
 			}
 			go func() {
 				defer c.Close()
-				io.Copy(c, c)
+				handle(c)
 			}()
 		}
 	}()
