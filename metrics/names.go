@@ -35,7 +35,8 @@ var (
 
 	// InboundTunnelRefused counts inbound tunnels and tunnel streams
 	// refused by a limit or a bad stream header; labels dst, reason
-	// (max_tunnels, max_streams, stream_rate, bad_header).
+	// (max_tunnels, max_streams, stream_rate, bad_header; framing: a
+	// tunnel closed because the peer broke the yamux framing).
 	InboundTunnelRefused = []string{"inbound", "tunnel_refused"}
 	// InboundDuration samples the duration of proxied inbound connections
 	// in milliseconds {dst}.

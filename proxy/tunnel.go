@@ -88,8 +88,12 @@ func (p *Proxy) serveTunnel(ctx context.Context, raw net.Conn, tc *tls.Conn, pl 
 			p.log.Warn("inbound tunnel stream refused", "source", peer, "remote", addrString(raw.RemoteAddr()), "error", err)
 		}
 	})
-	if err != nil && !isClosed(err) && !errors.Is(err, net.ErrClosed) {
-		p.log.Info("inbound tunnel ended", "source", peerID(tc), "remote", addrString(raw.RemoteAddr()), "error", err)
+	switch {
+	case tunnel.IsFramingError(err):
+		p.log.Warn("inbound tunnel closed: the peer broke the framing", "source", peer, "remote", addrString(raw.RemoteAddr()), "error", err)
+		p.metrics.IncrCounter(metrics.InboundTunnelRefused, 1, []metrics.Label{dst, {Name: "reason", Value: "framing"}})
+	case err != nil && !isClosed(err) && !errors.Is(err, net.ErrClosed):
+		p.log.Info("inbound tunnel ended", "source", peer, "remote", addrString(raw.RemoteAddr()), "error", err)
 	}
 	tc.Close()
 	live.Wait()

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -204,4 +205,40 @@ func TestTunnelsPerPeerLimit(t *testing.T) {
 		t.Fatal(err)
 	}
 	roundTrip(t, c, "still")
+}
+
+// TestTunnelBrokenFramingEndsTunnel: a peer that sends bytes that are not
+// yamux frames on a strait-mux/1 connection loses the whole tunnel, and
+// the app is never dialed.
+func TestTunnelBrokenFramingEndsTunnel(t *testing.T) {
+	t.Parallel()
+	accepts := make(chan struct{}, 1)
+	app := serveApp(t, func(net.Conn) { accepts <- struct{}{} })
+	h := startHarness(t, AccessLogOff, config.Public{LocalServiceAddress: app}, withTunnels)
+	tc, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", h.p.PublicAddr().String(), &tls.Config{
+		Certificates: []tls.Certificate{h.agent.ClientCert("web")}, InsecureSkipVerify: true, NextProtos: []string{tlsutil.ALPNMux},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tc.Close()
+	if got := tc.ConnectionState().NegotiatedProtocol; got != tlsutil.ALPNMux {
+		t.Fatalf("negotiated %q", got)
+	}
+	tc.Write([]byte("GET / HTTP/1.1\r\nHost: web\r\n\r\n")) // not a yamux frame
+	tc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.Copy(io.Discard, tc); err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("tunnel still open after a framing error")
+	}
+	eventually(t, func() error {
+		if n := h.p.Tunnels().InboundTunnels; n != 0 {
+			return fmt.Errorf("inbound tunnels %d", n)
+		}
+		return nil
+	})
+	select {
+	case <-accepts:
+		t.Fatal("app dialed for a broken tunnel")
+	default:
+	}
 }

@@ -3,8 +3,12 @@ package tunnel
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
+	"io"
 	"net"
 	"testing"
+
+	"github.com/hashicorp/yamux"
 )
 
 // writesConn records each Write.
@@ -59,5 +63,11 @@ func TestCoalescer(t *testing.T) {
 	c.Write([]byte("abc"))
 	if last := w.writes[len(w.writes)-1]; len(w.writes) != 4 || !bytes.HasSuffix(last, []byte("abc")) || len(last) != frameHeaderSize+3 {
 		t.Fatalf("small frame: %d writes, last %q", len(w.writes), last)
+	}
+}
+
+func TestIsFramingError(t *testing.T) {
+	if !IsFramingError(fmt.Errorf("x: %w", yamux.ErrInvalidVersion)) || IsFramingError(io.EOF) || IsFramingError(nil) {
+		t.Fatal("IsFramingError")
 	}
 }

@@ -114,3 +114,16 @@ func Serve(ctx context.Context, conn net.Conn, lim Limits, handle func(c *Conn, 
 // ErrTooManyStreams is reported for a stream refused because the tunnel
 // already carries Limits.MaxStreams streams.
 var ErrTooManyStreams = errors.New("tunnel: too many concurrent streams")
+
+// IsFramingError reports whether err, as returned by Serve, means the peer
+// broke the yamux framing (the tunnel was closed for it) rather than the
+// connection ending.
+func IsFramingError(err error) bool {
+	for _, e := range []error{yamux.ErrInvalidVersion, yamux.ErrInvalidMsgType, yamux.ErrDuplicateStream,
+		yamux.ErrRecvWindowExceeded, yamux.ErrUnexpectedFlag} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
