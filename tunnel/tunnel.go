@@ -13,11 +13,12 @@
 // the stream with the tunnel's verified peer and only then dials the app.
 //
 // Memory: yamux buffers at most the receive window per stream
-// (StreamWindow, 1 MiB) when the local app reads slower than the peer
-// sends; an idle stream holds no proxy buffer (the copy loop waits with
-// WaitRead) and about 4 KiB of yamux state. yamux keeps a stream's receive
-// buffer at the largest size it reached, so a stream that once had a full
-// window buffered keeps up to about twice StreamWindow until it closes.
+// (StreamWindow, 4 MiB) when the local app reads slower than the peer
+// sends, as a kernel TCP receive buffer would (Linux autotunes those up to
+// 6 MiB). An idle stream holds no proxy buffer (the copy loop waits with
+// WaitRead) and about 4 KiB of yamux state: yamux keeps a stream's receive
+// buffer at the largest size it reached (up to about twice the window), so
+// WaitRead gives it back after ShrinkAfter of idleness.
 //
 // Framing costs: yamux writes a frame's 12-byte header and its body with
 // two Writes (two TLS records, two system calls) and hands every frame to
@@ -47,9 +48,10 @@ const (
 	DefaultMaxStreams  = 1024
 	DefaultIdleTimeout = 90 * time.Second
 	// StreamWindow is the per-stream receive window. yamux's 256 KiB
-	// default stalled a single bulk stream: 1 MiB gave +15% (4 MiB +25%,
-	// but four times the memory a slow reader can pin).
-	StreamWindow = 1024 * 1024
+	// default stalls bulk streams on window updates: in make bench, 1 MiB
+	// left 8 streams at 0.95-0.98x classic TLS, 2 MiB at 0.97-1.09x,
+	// 4 MiB at 1.05-1.08x.
+	StreamWindow = 4 * 1024 * 1024
 )
 
 // ErrBadHeader is returned for a stream header that does not parse.
@@ -107,7 +109,18 @@ type Conn struct {
 	*yamux.Stream
 	once    sync.Once
 	release func()
+
+	dl       sync.Mutex
+	deadline time.Time // the caller's read deadline
+	idleWait bool      // WaitRead is in its first wait, bounded by shrinkAt
+	shrinkAt time.Time
 }
+
+// ShrinkAfter is how long WaitRead waits before it gives the stream's
+// receive buffer back: yamux keeps that buffer at the largest size it
+// reached (up to twice StreamWindow after a slow reader) for the stream's
+// lifetime otherwise.
+var ShrinkAfter = time.Second
 
 // NewConn wraps a stream; release (may be nil) runs once on Close.
 func NewConn(s *yamux.Stream, release func()) *Conn { return &Conn{Stream: s, release: release} }
@@ -130,10 +143,49 @@ func (c *Conn) Read(b []byte) (int, error) {
 // WaitRead blocks until Read would return data, EOF or an error, without
 // a buffer: yamux's Read with an empty buffer waits for data and leaves it
 // buffered. The proxy's copy loop waits this way so that an idle stream
-// holds no read buffer.
+// holds no read buffer; after ShrinkAfter of waiting the stream's receive
+// buffer is released too.
 func (c *Conn) WaitRead() error {
+	c.dl.Lock()
+	c.idleWait, c.shrinkAt = true, time.Now().Add(ShrinkAfter)
+	c.Stream.SetReadDeadline(c.effectiveDeadline())
+	c.dl.Unlock()
 	_, err := c.Read(nil)
+	c.dl.Lock()
+	c.idleWait = false
+	user := c.deadline
+	c.Stream.SetReadDeadline(user)
+	c.dl.Unlock()
+	if !errors.Is(err, yamux.ErrTimeout) || (!user.IsZero() && !time.Now().Before(user)) {
+		return err
+	}
+	c.Stream.Shrink()
+	_, err = c.Read(nil)
 	return err
+}
+
+// effectiveDeadline is the caller's deadline, or WaitRead's shrink
+// deadline when that comes first; c.dl is held.
+func (c *Conn) effectiveDeadline() time.Time {
+	if c.idleWait && (c.deadline.IsZero() || c.shrinkAt.Before(c.deadline)) {
+		return c.shrinkAt
+	}
+	return c.deadline
+}
+
+// SetReadDeadline sets the read deadline; it also applies at once to a
+// WaitRead in progress.
+func (c *Conn) SetReadDeadline(t time.Time) error {
+	c.dl.Lock()
+	defer c.dl.Unlock()
+	c.deadline = t
+	return c.Stream.SetReadDeadline(c.effectiveDeadline())
+}
+
+// SetDeadline sets both deadlines.
+func (c *Conn) SetDeadline(t time.Time) error {
+	c.SetReadDeadline(t)
+	return c.Stream.SetWriteDeadline(t)
 }
 
 // CloseWrite sends FIN; the peer reads EOF and may go on writing.
@@ -145,7 +197,7 @@ func (c *Conn) Close() error {
 	c.once.Do(func() {
 		// Stop waiting for the peer's data: a reader blocked in Read is
 		// woken, and what the peer still sends is dropped by the deadline.
-		c.Stream.SetReadDeadline(time.Now())
+		c.SetReadDeadline(time.Now())
 		if c.release != nil {
 			c.release()
 		}

@@ -6,10 +6,13 @@ import (
 	"errors"
 	"io"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/yamux"
 )
 
 func FuzzHeader(f *testing.F) {
@@ -254,5 +257,103 @@ func TestStreamRateLimit(t *testing.T) {
 	}
 	if n := s.svcs.Load(); n != 2 {
 		t.Fatalf("handler ran for %d streams, want 2", n)
+	}
+}
+
+// streamPair opens one stream of a yamux session over an in-memory pipe and
+// returns both ends.
+func streamPair(t *testing.T) (client, server *Conn) {
+	t.Helper()
+	a, b := net.Pipe()
+	cs, err := yamux.Client(newCoalescer(a), YamuxConfig(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ss, err := yamux.Server(newCoalescer(b), YamuxConfig(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cs.Close(); ss.Close() })
+	st, err := cs.OpenStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.Write([]byte{0})
+	sst, err := ss.AcceptStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(sst, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	return NewConn(st, nil), NewConn(sst, nil)
+}
+
+// TestWaitReadDeadlines: a deadline set while WaitRead waits applies at
+// once, and data that arrives after the shrink point is still delivered.
+func TestWaitReadDeadlines(t *testing.T) {
+	c, s := streamPair(t)
+	done := make(chan error, 1)
+	go func() { done <- s.WaitRead() }()
+	s.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	select {
+	case err := <-done:
+		var ne net.Error
+		if !errors.As(err, &ne) || !ne.Timeout() {
+			t.Fatalf("WaitRead after the deadline: %v", err)
+		}
+	case <-time.After(ShrinkAfter / 2):
+		t.Fatal("a deadline set during WaitRead did not apply")
+	}
+	s.SetReadDeadline(time.Time{})
+
+	old := ShrinkAfter
+	ShrinkAfter = 10 * time.Millisecond
+	defer func() { ShrinkAfter = old }()
+	go func() { done <- s.WaitRead() }()
+	time.AfterFunc(100*time.Millisecond, func() { c.Write([]byte("late")) })
+	if err := <-done; err != nil {
+		t.Fatalf("WaitRead past the shrink point: %v", err)
+	}
+	b := make([]byte, 8)
+	if n, err := s.Read(b); err != nil || string(b[:n]) != "late" {
+		t.Fatalf("read %q, %v", b[:n], err)
+	}
+}
+
+// TestWaitReadReleasesBuffers: streams whose receive buffers grew under a
+// burst give them back once idle for ShrinkAfter.
+func TestWaitReadReleasesBuffers(t *testing.T) {
+	old := ShrinkAfter
+	ShrinkAfter = 20 * time.Millisecond
+	defer func() { ShrinkAfter = old }()
+	const streams, burst = 8, 3 << 20 / 4 // under the window: buffered unread
+	var servers []*Conn
+	for range streams {
+		c, s := streamPair(t)
+		servers = append(servers, s)
+		go c.Write(make([]byte, burst))
+	}
+	for _, s := range servers {
+		if _, err := io.ReadFull(s, make([]byte, burst)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	heap := func() uint64 {
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return m.HeapInuse
+	}
+	before := heap()
+	var wg sync.WaitGroup
+	for _, s := range servers {
+		s.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		wg.Go(func() { s.WaitRead() })
+	}
+	wg.Wait()
+	after := heap()
+	if freed := int64(before) - int64(after); freed < streams*burst/2 {
+		t.Fatalf("heap %d -> %d bytes: idle streams kept their receive buffers", before, after)
 	}
 }
