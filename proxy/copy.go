@@ -251,6 +251,12 @@ type idleReader struct {
 	big    *[]byte
 	cur    *[]byte    // the buffer of the last read
 	pool   *sync.Pool // of big buffers
+
+	// The raw read callback and its results, kept here so that a read
+	// allocates nothing (a closure would escape to the heap per read).
+	rawFn   func(fd uintptr) bool
+	rawN    int
+	rawErrn error
 }
 
 func newIdleReader(src, dst net.Conn) *idleReader {
@@ -266,6 +272,7 @@ func newIdleReader(src, dst net.Conn) *idleReader {
 	case *net.TCPConn, *net.UnixConn:
 		if raw, err := c.(syscall.Conn).SyscallConn(); err == nil {
 			r.raw = raw
+			r.rawFn = r.rawAttempt
 			return r
 		}
 	}
@@ -298,39 +305,41 @@ func (r *idleReader) read() ([]byte, int, error) {
 }
 
 // readRaw reads the socket into a big buffer held only while data is
-// there. The runtime calls fn again once the socket is readable when fn
-// returns false, and honours the read deadline meanwhile.
+// there. The runtime calls rawAttempt again once the socket is readable
+// when it returns false, and honours the read deadline meanwhile.
 func (r *idleReader) readRaw() ([]byte, int, error) {
-	var n int
-	var rerr error
-	err := r.raw.Read(func(fd uintptr) bool {
-		if r.big == nil {
-			r.big = r.pool.Get().(*[]byte)
-		}
-		for {
-			n, rerr = syscall.Read(int(fd), *r.big)
-			if rerr != syscall.EINTR {
-				break
-			}
-		}
-		if rerr == syscall.EAGAIN {
-			r.pool.Put(r.big)
-			r.big = nil
-			return false
-		}
-		return true
-	})
-	if err != nil { // the deadline, or the connection was closed
+	if err := r.raw.Read(r.rawFn); err != nil { // the deadline, or the connection was closed
 		return nil, 0, err
 	}
 	r.cur = r.big
 	switch {
-	case rerr != nil:
-		return *r.big, 0, os.NewSyscallError("read", rerr)
-	case n == 0:
+	case r.rawErrn != nil:
+		return *r.big, 0, os.NewSyscallError("read", r.rawErrn)
+	case r.rawN == 0:
 		return *r.big, 0, io.EOF
 	}
-	return *r.big, n, nil
+	return *r.big, r.rawN, nil
+}
+
+// rawAttempt is one non-blocking read; false means "nothing yet, wait".
+func (r *idleReader) rawAttempt(fd uintptr) bool {
+	if r.big == nil {
+		r.big = r.pool.Get().(*[]byte)
+	}
+	var err error
+	for {
+		r.rawN, err = syscall.Read(int(fd), *r.big)
+		if err != syscall.EINTR {
+			break
+		}
+	}
+	if err == syscall.EAGAIN {
+		r.pool.Put(r.big)
+		r.big = nil
+		return false
+	}
+	r.rawErrn = err
+	return true
 }
 
 // done is called after the data of a read was written: a big buffer that

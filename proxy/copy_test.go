@@ -350,3 +350,26 @@ func TestPipeResetIsReset(t *testing.T) {
 type netConnOf struct{ wrapped }
 
 func (n netConnOf) NetConn() net.Conn { return n.wrapped.Conn }
+
+// TestIdleReaderSocketReadDoesNotAllocate: reading the app socket through
+// the raw descriptor costs no allocation per read.
+func TestIdleReaderSocketReadDoesNotAllocate(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector allocates; make test runs Alloc tests without it")
+	}
+	a, b := tcpPair(t)
+	r := newIdleReader(b, a)
+	defer r.release()
+	msg := []byte("hello")
+	allocs := testing.AllocsPerRun(200, func() {
+		a.Write(msg)
+		_, n, err := r.read()
+		if err != nil || n == 0 {
+			t.Fatal(n, err)
+		}
+		r.done(n)
+	})
+	if allocs != 0 {
+		t.Fatalf("%v allocations per read", allocs)
+	}
+}

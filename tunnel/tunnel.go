@@ -114,7 +114,16 @@ type Conn struct {
 	deadline time.Time // the caller's read deadline
 	idleWait bool      // WaitRead is in its first wait, bounded by shrinkAt
 	shrinkAt time.Time
+
+	// readSinceShrink counts bytes read since the receive buffer was last
+	// given back; only the reading goroutine touches it.
+	readSinceShrink int
 }
+
+// shrinkMinBytes: below this much data read since the last shrink, the
+// receive buffer cannot have grown much and WaitRead waits plainly,
+// without the deadline juggling (and its allocations) of a bounded wait.
+const shrinkMinBytes = 64 << 10
 
 // ShrinkAfter is how long WaitRead waits before it gives the stream's
 // receive buffer back: yamux keeps that buffer at the largest size it
@@ -134,6 +143,7 @@ var ErrTunnelLost = errors.New("tunnel: connection lost")
 // half-closing it.
 func (c *Conn) Read(b []byte) (int, error) {
 	n, err := c.Stream.Read(b)
+	c.readSinceShrink += n
 	if err == io.EOF && c.Stream.Session().IsClosed() {
 		err = ErrTunnelLost
 	}
@@ -144,8 +154,12 @@ func (c *Conn) Read(b []byte) (int, error) {
 // a buffer: yamux's Read with an empty buffer waits for data and leaves it
 // buffered. The proxy's copy loop waits this way so that an idle stream
 // holds no read buffer; after ShrinkAfter of waiting the stream's receive
-// buffer is released too.
+// buffer is released too, once enough has been read for it to have grown.
 func (c *Conn) WaitRead() error {
+	if c.readSinceShrink < shrinkMinBytes {
+		_, err := c.Read(nil)
+		return err
+	}
 	c.dl.Lock()
 	c.idleWait, c.shrinkAt = true, time.Now().Add(ShrinkAfter)
 	c.Stream.SetReadDeadline(c.effectiveDeadline())
@@ -160,6 +174,7 @@ func (c *Conn) WaitRead() error {
 		return err
 	}
 	c.Stream.Shrink()
+	c.readSinceShrink = 0
 	_, err = c.Read(nil)
 	return err
 }

@@ -310,6 +310,11 @@ func TestWaitReadDeadlines(t *testing.T) {
 	old := ShrinkAfter
 	ShrinkAfter = 10 * time.Millisecond
 	defer func() { ShrinkAfter = old }()
+	// Enough read for WaitRead to take its bounded wait and shrink.
+	go c.Write(make([]byte, shrinkMinBytes))
+	if _, err := io.ReadFull(s, make([]byte, shrinkMinBytes)); err != nil {
+		t.Fatal(err)
+	}
 	go func() { done <- s.WaitRead() }()
 	time.AfterFunc(100*time.Millisecond, func() { c.Write([]byte("late")) })
 	if err := <-done; err != nil {
