@@ -132,16 +132,7 @@ func TestTunnelSelfLoop(t *testing.T) {
 func TestTunnelStreamForAnotherService(t *testing.T) {
 	t.Parallel()
 	h := startHarness(t, AccessLogOn, config.Public{}, withTunnels)
-	cert := h.agent.ClientCert("web")
-	tc, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", h.p.PublicAddr().String(), &tls.Config{
-		Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true, NextProtos: []string{tlsutil.ALPNMux},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := tc.ConnectionState().NegotiatedProtocol; got != tlsutil.ALPNMux {
-		t.Fatalf("negotiated %q", got)
-	}
+	tc := h.dialMux(t)
 	var pool tunnel.Pool
 	defer pool.Close()
 	c, err := pool.Adopt("k", nil, tc, "db")
@@ -168,16 +159,7 @@ func TestTunnelStreamForAnotherService(t *testing.T) {
 func TestTunnelsPerPeerLimit(t *testing.T) {
 	t.Parallel()
 	h := startHarness(t, AccessLogOff, config.Public{}, withTunnels, func(o *Options) { o.TunnelMaxPerPeer = 1 })
-	cert := h.agent.ClientCert("web")
-	dial := func() *tls.Conn {
-		tc, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", h.p.PublicAddr().String(), &tls.Config{
-			Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true, NextProtos: []string{tlsutil.ALPNMux},
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return tc
-	}
+	dial := func() *tls.Conn { return h.dialMux(t) }
 	var pool tunnel.Pool
 	defer pool.Close()
 	first, err := pool.Adopt("first", nil, dial(), "web")
@@ -215,16 +197,8 @@ func TestTunnelBrokenFramingEndsTunnel(t *testing.T) {
 	accepts := make(chan struct{}, 1)
 	app := serveApp(t, func(net.Conn) { accepts <- struct{}{} })
 	h := startHarness(t, AccessLogOff, config.Public{LocalServiceAddress: app}, withTunnels)
-	tc, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", h.p.PublicAddr().String(), &tls.Config{
-		Certificates: []tls.Certificate{h.agent.ClientCert("web")}, InsecureSkipVerify: true, NextProtos: []string{tlsutil.ALPNMux},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tc := h.dialMux(t)
 	defer tc.Close()
-	if got := tc.ConnectionState().NegotiatedProtocol; got != tlsutil.ALPNMux {
-		t.Fatalf("negotiated %q", got)
-	}
 	tc.Write([]byte("GET / HTTP/1.1\r\nHost: web\r\n\r\n")) // not a yamux frame
 	tc.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.Copy(io.Discard, tc); err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
@@ -241,4 +215,20 @@ func TestTunnelBrokenFramingEndsTunnel(t *testing.T) {
 		t.Fatal("app dialed for a broken tunnel")
 	default:
 	}
+}
+
+// dialMux dials the public listener as the strait peer "web" offering
+// only strait-mux/1, and checks that the tunnel protocol was selected.
+func (h *harness) dialMux(t *testing.T) *tls.Conn {
+	t.Helper()
+	tc, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", h.p.PublicAddr().String(), &tls.Config{
+		Certificates: []tls.Certificate{h.agent.ClientCert("web")}, InsecureSkipVerify: true, NextProtos: []string{tlsutil.ALPNMux},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := tc.ConnectionState().NegotiatedProtocol; got != tlsutil.ALPNMux {
+		t.Fatalf("negotiated %q", got)
+	}
+	return tc
 }
