@@ -101,3 +101,14 @@ func helpFor(prefix string) func(string) string {
 	}
 	return func(name string) string { return byProm[name] }
 }
+
+// Names added for the hardened data path.
+var (
+	// LogSuppressed counts log and access-log lines not written because
+	// one tunnel or one source produced too many of them {reason}.
+	LogSuppressed = []string{"log", "suppressed"}
+	// UpstreamTunnelViolation counts client tunnels closed because the
+	// server broke the tunnel protocol {reason} (server_stream: it opened
+	// a stream).
+	UpstreamTunnelViolation = []string{"upstream", "tunnel_violation"}
+)

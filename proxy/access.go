@@ -12,7 +12,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/straitproxy/strait/metrics"
 	"github.com/straitproxy/strait/tlsutil"
+	"github.com/straitproxy/strait/tunnel"
 )
 
 // AccessLog selects which connections get an access log line.
@@ -66,6 +68,35 @@ type accessRecord struct {
 	reason   string
 	detail   string
 	attempts int32 // upstream dials
+	// limitKey groups refusal lines for the line limiter: the tunnel
+	// (its remote address) for a stream, the source IP otherwise; ""
+	// means unlimited.
+	limitKey string
+}
+
+// isRefusal reports whether reason ends a connection before it was
+// proxied (lines for those are rate-limited per tunnel or source).
+func isRefusal(reason string) bool {
+	switch reason {
+	case ReasonDenied, ReasonAuthzError, ReasonHandshakeTimeout, ReasonHandshakeFailed,
+		ReasonAppRefused, ReasonAppUnreachable:
+		return true
+	}
+	return false
+}
+
+// lineAllowed reports whether a refusal line of kind what for rec may be
+// written; a suppressed one is counted. n is the number suppressed for
+// the same key since the last line written.
+func (p *Proxy) lineAllowed(rec *accessRecord, what string) (ok bool, n int64) {
+	if rec.limitKey == "" {
+		return true, 0
+	}
+	ok, n = p.lines.allow(rec.limitKey + "|" + what)
+	if !ok {
+		p.metrics.IncrCounter(metrics.LogSuppressed, 1, []metrics.Label{{Name: "reason", Value: what}})
+	}
+	return ok, n
 }
 
 func (p *Proxy) logAccess(r *accessRecord) {
@@ -77,6 +108,14 @@ func (p *Proxy) logAccess(r *accessRecord) {
 		if r.reason != ReasonDenied && r.reason != ReasonAuthzError {
 			return
 		}
+	}
+	var suppressed int64
+	if isRefusal(r.reason) {
+		ok, n := p.lineAllowed(r, "access_"+r.reason)
+		if !ok {
+			return
+		}
+		suppressed = n
 	}
 	args := []any{
 		"direction", r.dir,
@@ -94,6 +133,9 @@ func (p *Proxy) logAccess(r *accessRecord) {
 	}
 	if r.detail != "" {
 		args = append(args, "detail", r.detail)
+	}
+	if suppressed > 0 {
+		args = append(args, "suppressed_before", suppressed)
 	}
 	p.access.Info("connection", args...)
 }
@@ -171,7 +213,7 @@ func closeReason(err error, s *server) (reason, detail string) {
 		return ReasonShutdown, ""
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		return ReasonReapedIdle, ""
-	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), tunnel.IsReset(err):
 		return ReasonReset, err.Error()
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed):
 		return ReasonClosed, err.Error()

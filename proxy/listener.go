@@ -25,8 +25,10 @@ type server struct {
 	mu     sync.Mutex
 	conns  map[net.Conn]*liveConn // nil until the connection is proxied
 	closed bool
-	// closing is closed when Shutdown starts: tunnels stop taking streams.
-	closing chan struct{}
+	// drainCtx is cancelled when Shutdown starts: tunnels stop taking
+	// streams.
+	drainCtx   context.Context
+	drainStart context.CancelFunc
 	wg      sync.WaitGroup // accept loop + handlers
 
 	accepted atomic.Int64
@@ -42,7 +44,8 @@ type handler func(ctx context.Context, c net.Conn, release func())
 
 func newServer(name string, ln net.Listener, log hclog.Logger, handle handler) *server {
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &server{name: name, ln: ln, handle: handle, log: log, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]*liveConn), closing: make(chan struct{})}
+	s := &server{name: name, ln: ln, handle: handle, log: log, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]*liveConn)}
+	s.drainCtx, s.drainStart = context.WithCancel(context.Background())
 	s.wg.Add(1)
 	go s.serve()
 	return s
@@ -139,9 +142,7 @@ func (s *server) Active() int {
 // return. It is safe to call more than once.
 func (s *server) Shutdown(ctx context.Context) {
 	s.mu.Lock()
-	if !s.closed {
-		close(s.closing)
-	}
+	s.drainStart()
 	s.closed = true
 	s.mu.Unlock()
 	s.ln.Close()

@@ -75,6 +75,9 @@ type Options struct {
 	TunnelMaxStreams, TunnelMaxPerPeer int
 	TunnelStreamRate                   float64
 	TunnelStreamBurst                  int
+	// TunnelBudget bounds the receive-window growth of one tunnel's
+	// streams together, in bytes; zero means tunnel.DefaultTunnelBudget.
+	TunnelBudget int64
 }
 
 // Proxy runs the public listener and the upstream listeners of one Config
@@ -119,6 +122,8 @@ type Proxy struct {
 	// inTunnelsByPeer caps inbound tunnels per peer identity.
 	inTunnelsByPeer peerCounts
 	inStreams       atomic.Int64 // inbound streams active
+	// lines rate-limits refusal log lines per tunnel and per source.
+	lines *lineLimiter
 }
 
 type publicListener struct {
@@ -157,15 +162,19 @@ func New(opts Options) *Proxy {
 	ctx, cancel := context.WithCancel(watch.WithObserver(context.Background(), w))
 	var pool *tunnel.Pool
 	if opts.Tunnels {
-		pool = &tunnel.Pool{MaxStreams: opts.TunnelMaxStreams, MaxTunnels: opts.TunnelMaxPerPeer}
+		pool = &tunnel.Pool{MaxStreams: opts.TunnelMaxStreams, MaxTunnels: opts.TunnelMaxPerPeer, Budget: opts.TunnelBudget}
 	}
-	return &Proxy{
-		pool: pool,
+	p := &Proxy{
+		pool: pool, lines: newLineLimiter(),
 		opts: opts, log: opts.Logger, access: opts.AccessLogger, metrics: m, watches: w, ctx: ctx, cancel: cancel,
 		upstreams: make(map[string]*upstreamListener),
 		listeners: make(map[*lstats]struct{}),
 		gauges:    make(map[string]*connGauge),
 	}
+	if pool != nil {
+		pool.OnViolation = p.tunnelViolation
+	}
+	return p
 }
 
 // Ready reports whether certificates are loaded and every listener is bound.
@@ -543,61 +552,147 @@ func (p *Proxy) authorize(ctx context.Context, peer tlsutil.Identity, serial str
 }
 
 func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *publicListener, tlsCfg *tls.Config, release func()) {
-	handedOff := false
-	defer func() {
-		if !handedOff {
-			release()
-		}
-	}()
 	cfg := pl.cfg.Load()
 	rec := &accessRecord{dir: "inbound", dest: p.service, endpoint: cfg.LocalServiceAddress,
-		remote: addrString(conn.RemoteAddr()), start: time.Now()}
-	dst := metrics.Label{Name: "dst", Value: p.service}
+		remote: addrString(conn.RemoteAddr()), start: time.Now(), limitKey: remoteIP(conn)}
 	hctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeoutOrDefault())
 	tc := tls.Server(conn, tlsCfg)
 	err := tc.HandshakeContext(hctx)
 	cancel()
 	if err != nil {
 		tc.Close()
-		var denied *DeniedError
-		if errors.As(err, &denied) {
-			rec.source, rec.reason, rec.detail = denied.Source.String(), ReasonDenied, denied.Reason
-			if !p.accessLogged(ReasonDenied) {
-				p.log.Info("inbound connection denied", "source", denied.Source.String(), "reason", denied.Reason, "remote", rec.remote)
-			}
-			p.metrics.IncrCounter(metrics.InboundDenied, 1, []metrics.Label{{Name: "src", Value: denied.Source.Service}, dst})
-			p.logAccess(rec)
-			return
-		}
-		reason, label := handshakeFailure(err)
-		p.log.Debug("inbound handshake failed", "remote", rec.remote, "reason", label, "error", err)
-		p.metrics.IncrCounter(metrics.InboundHandshakeFailed, 1, []metrics.Label{dst, {Name: "reason", Value: label}})
-		rec.reason, rec.detail = reason, err.Error()
-		p.logAccess(rec)
+		p.refused(rec, err)
+		release()
 		return
 	}
-	rec.source = peerID(tc)
 	if tc.ConnectionState().NegotiatedProtocol == tlsutil.ALPNMux {
+		defer release()
 		p.serveTunnel(ctx, conn, tc, pl)
 		return
 	}
-	// The peer is authenticated and authorized; only now is the app dialed.
-	network, addr := "tcp", cfg.LocalServiceAddress
-	if strings.HasPrefix(addr, "unix:") {
-		network, addr = "unix", strings.TrimPrefix(addr, "unix:")
+	rec.source = peerID(tc)
+	p.serveInbound(ctx, inbound{raw: conn, conn: tc, tc: tc, rec: rec}, pl, release)
+}
+
+// inbound is an authenticated inbound connection on its way to the app: a
+// classic TLS connection, authorized in its handshake (VerifyConnection),
+// or a tunnel stream, authorized in serveInbound with its tunnel's
+// verified peer.
+type inbound struct {
+	raw     net.Conn     // what the listener tracks (a stream for a stream)
+	conn    net.Conn     // what to copy from
+	tc      *tls.Conn    // the TLS connection (a stream's tunnel)
+	stream  *tunnel.Conn // non-nil for a tunnel stream
+	service string       // the destination a stream's header names
+	rec     *accessRecord
+}
+
+// serveInbound is the one admission path after authentication, for
+// classic connections and tunnel streams alike: authorize (streams), dial
+// the app, answer the stream, proxy. release is called once the
+// connection is finished.
+func (p *Proxy) serveInbound(ctx context.Context, in inbound, pl *publicListener, release func()) {
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			release()
+		}
+	}()
+	rec := in.rec
+	cfg := pl.cfg.Load()
+	rec.endpoint = cfg.LocalServiceAddress
+	refuse := func(status uint32) {
+		if in.stream != nil {
+			in.stream.Refuse(status)
+		} else {
+			in.tc.Close()
+		}
 	}
-	d := net.Dialer{Timeout: cfg.LocalConnectTimeoutOrDefault()}
-	app, err := d.DialContext(ctx, network, addr)
+	if in.stream != nil {
+		if err := p.authorizeStream(ctx, in); err != nil {
+			refuse(tunnel.StatusDenied)
+			p.refused(rec, err)
+			return
+		}
+	}
+	// The peer is authenticated and authorized; only now is the app dialed.
+	app, err := dialApp(ctx, cfg)
 	if err != nil {
-		p.log.Warn("dialing local app failed", "app", addr, "error", err)
-		tc.Close()
+		refuse(tunnel.StatusUnavailable)
 		rec.reason, rec.detail = appDialFailure(err), err.Error()
-		p.metrics.IncrCounter(metrics.InboundAppDialFailed, 1, []metrics.Label{dst, {Name: "reason", Value: rec.reason}})
+		if ok, n := p.lineAllowed(rec, "app_dial"); ok {
+			p.log.Warn("dialing local app failed", "app", cfg.LocalServiceAddress, "error", err, "suppressed_before", n)
+		}
+		p.metrics.IncrCounter(metrics.InboundAppDialFailed, 1, []metrics.Label{{Name: "dst", Value: p.service}, {Name: "reason", Value: rec.reason}})
 		p.logAccess(rec)
 		return
 	}
-	p.proxy(conn, tc, app, pl.stats, rec, release, nil)
+	if in.stream != nil {
+		if err := in.stream.Accept(); err != nil {
+			app.Close()
+			in.stream.Close()
+			rec.reason, rec.detail = closeReason(err, pl.srv)
+			p.logAccess(rec)
+			return
+		}
+	}
 	handedOff = true
+	p.proxy(in.raw, in.conn, app, pl.stats, rec, release, nil)
+}
+
+// authorizeStream checks a tunnel stream: our own service only (a tunnel
+// is no way to reach another), and the intentions for the tunnel's peer.
+func (p *Proxy) authorizeStream(ctx context.Context, in inbound) error {
+	id, serial, err := p.src.PeerOf(in.tc.ConnectionState())
+	if err != nil {
+		return err
+	}
+	if in.service != p.service {
+		return &DeniedError{Source: id, Reason: "tunnel stream for service " + in.service + ", not " + p.service}
+	}
+	return p.authorize(ctx, id, serial)
+}
+
+// refused reports an inbound connection refused before its app was
+// dialed: denied by intentions, or its handshake (a stream's
+// authorization) failed.
+func (p *Proxy) refused(rec *accessRecord, err error) {
+	dst := metrics.Label{Name: "dst", Value: p.service}
+	var denied *DeniedError
+	if errors.As(err, &denied) {
+		rec.source, rec.reason, rec.detail = denied.Source.String(), ReasonDenied, denied.Reason
+		if !p.accessLogged(ReasonDenied) {
+			if ok, n := p.lineAllowed(rec, "denied"); ok {
+				p.log.Info("inbound connection denied", "source", rec.source, "reason", denied.Reason, "remote", rec.remote, "suppressed_before", n)
+			}
+		}
+		p.metrics.IncrCounter(metrics.InboundDenied, 1, []metrics.Label{{Name: "src", Value: denied.Source.Service}, dst})
+		p.logAccess(rec)
+		return
+	}
+	reason, label := handshakeFailure(err)
+	p.log.Debug("inbound handshake failed", "remote", rec.remote, "reason", label, "error", err)
+	p.metrics.IncrCounter(metrics.InboundHandshakeFailed, 1, []metrics.Label{dst, {Name: "reason", Value: label}})
+	rec.reason, rec.detail = reason, err.Error()
+	p.logAccess(rec)
+}
+
+// dialApp dials the local application (tcp, or unix:path).
+func dialApp(ctx context.Context, cfg *config.Public) (net.Conn, error) {
+	network, addr := "tcp", cfg.LocalServiceAddress
+	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
+		network, addr = "unix", path
+	}
+	d := net.Dialer{Timeout: cfg.LocalConnectTimeoutOrDefault()}
+	return d.DialContext(ctx, network, addr)
+}
+
+// remoteIP is the IP of c's peer: the line limiter's key for a source.
+func remoteIP(c net.Conn) string {
+	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		return a.IP.String()
+	}
+	return addrString(c.RemoteAddr())
 }
 
 func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *upstreamListener, release func()) {

@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"net"
-	"strings"
 	"sync"
 	"time"
 
@@ -15,7 +14,7 @@ import (
 	"github.com/straitproxy/strait/tunnel"
 )
 
-// TunnelStats is /stats' view of strait-mux/1 tunnels.
+// TunnelStats is /stats' view of strait-mux tunnels.
 type TunnelStats struct {
 	Enabled bool `json:"enabled"`
 	// Inbound: tunnels accepted on the public listener and their live
@@ -35,15 +34,26 @@ func (p *Proxy) Tunnels() TunnelStats {
 	return s
 }
 
+// tunnelViolation is the pool's OnViolation: a server broke the protocol
+// on one of our tunnels, which the pool has closed.
+func (p *Proxy) tunnelViolation(key string, err error) {
+	p.log.Warn("upstream tunnel closed: the server broke the tunnel protocol", "endpoint", key, "error", err)
+	p.metrics.IncrCounter(metrics.UpstreamTunnelViolation, 1, []metrics.Label{{Name: "reason", Value: "server_stream"}})
+}
+
 // serveTunnel runs an inbound tunnel (the handshake selected ALPNMux)
-// until it ends: every stream is checked and proxied like a classic
-// inbound connection. When the listener starts draining the tunnel takes no
-// new streams and ends once its live ones are done.
+// until it ends: every stream takes the same admission path as a classic
+// inbound connection (serveInbound). When the listener starts draining,
+// the tunnel refuses new streams and ends once its live ones are done.
 func (p *Proxy) serveTunnel(ctx context.Context, raw net.Conn, tc *tls.Conn, pl *publicListener) {
 	peer := peerID(tc)
+	remote := addrString(raw.RemoteAddr())
 	dst := metrics.Label{Name: "dst", Value: p.service}
 	if !p.inTunnelsByPeer.acquire(peer, p.opts.TunnelMaxPerPeer) {
-		p.log.Warn("inbound tunnel refused: too many tunnels from this peer", "source", peer, "remote", addrString(raw.RemoteAddr()))
+		rec := &accessRecord{limitKey: remoteIP(raw)}
+		if ok, n := p.lineAllowed(rec, "max_tunnels"); ok {
+			p.log.Warn("inbound tunnel refused: too many tunnels from this peer", "source", peer, "remote", remote, "suppressed_before", n)
+		}
 		p.metrics.IncrCounter(metrics.InboundTunnelRefused, 1, []metrics.Label{dst, {Name: "reason", Value: "max_tunnels"}})
 		tc.Close()
 		return
@@ -51,26 +61,23 @@ func (p *Proxy) serveTunnel(ctx context.Context, raw net.Conn, tc *tls.Conn, pl 
 	defer p.inTunnelsByPeer.release(peer)
 	p.inTunnels.Add(1)
 	defer p.inTunnels.Add(-1)
+	// The tunnel drains when the listener does, or when strait stops.
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stop := context.AfterFunc(ctx, cancel)
+	stop := context.AfterFunc(pl.srv.drainCtx, cancel)
 	defer stop()
-	go func() {
-		select {
-		case <-pl.srv.closing:
-			cancel()
-		case <-sctx.Done():
-		}
-	}()
-	var live sync.WaitGroup
-	lim := tunnel.Limits{MaxStreams: p.opts.TunnelMaxStreams, StreamRate: rate.Limit(p.opts.TunnelStreamRate), StreamBurst: p.opts.TunnelStreamBurst}
-	// Refusals by a limit are logged once per tunnel and counted always.
-	var warnedMu sync.Mutex
-	warned := map[string]bool{}
+
+	var live sync.WaitGroup // streams handed to the copy loop
+	lim := tunnel.Limits{MaxStreams: p.opts.TunnelMaxStreams, StreamRate: rate.Limit(p.opts.TunnelStreamRate),
+		StreamBurst: p.opts.TunnelStreamBurst, Budget: p.opts.TunnelBudget}
+	limitKey := "tunnel " + remote
 	err := tunnel.Serve(sctx, tc, lim, func(c *tunnel.Conn, svc string) {
+		// Serve runs this before it returns, so Add comes before Wait.
 		live.Add(1)
 		p.inStreams.Add(1)
-		p.handleStream(ctx, raw, tc, c, svc, pl, func() { p.inStreams.Add(-1); live.Done() })
+		rec := &accessRecord{dir: "inbound", dest: p.service, remote: remote, start: time.Now(), source: peer, limitKey: limitKey}
+		p.serveInbound(ctx, inbound{raw: c, conn: c, tc: tc, stream: c, service: svc, rec: rec}, pl,
+			func() { p.inStreams.Add(-1); live.Done() })
 	}, func(err error) {
 		reason := "bad_header"
 		switch {
@@ -80,81 +87,24 @@ func (p *Proxy) serveTunnel(ctx context.Context, raw net.Conn, tc *tls.Conn, pl 
 			reason = "max_streams"
 		}
 		p.metrics.IncrCounter(metrics.InboundTunnelRefused, 1, []metrics.Label{dst, {Name: "reason", Value: reason}})
-		warnedMu.Lock()
-		first := !warned[reason]
-		warned[reason] = true
-		warnedMu.Unlock()
-		if reason == "bad_header" || first {
-			p.log.Warn("inbound tunnel stream refused", "source", peer, "remote", addrString(raw.RemoteAddr()), "error", err)
+		if ok, n := p.lines.allow(limitKey + "|" + reason); ok {
+			p.log.Warn("inbound tunnel stream refused", "source", peer, "remote", remote, "reason", reason, "error", err, "suppressed_before", n)
+		} else {
+			p.metrics.IncrCounter(metrics.LogSuppressed, 1, []metrics.Label{{Name: "reason", Value: reason}})
 		}
 	})
 	switch {
 	case tunnel.IsFramingError(err):
-		p.log.Warn("inbound tunnel closed: the peer broke the framing", "source", peer, "remote", addrString(raw.RemoteAddr()), "error", err)
+		p.log.Warn("inbound tunnel closed: the peer broke the framing", "source", peer, "remote", remote, "error", err)
 		p.metrics.IncrCounter(metrics.InboundTunnelRefused, 1, []metrics.Label{dst, {Name: "reason", Value: "framing"}})
 	case err != nil && !isClosed(err) && !errors.Is(err, net.ErrClosed):
-		p.log.Info("inbound tunnel ended", "source", peer, "remote", addrString(raw.RemoteAddr()), "error", err)
+		p.log.Info("inbound tunnel ended", "source", peer, "remote", remote, "error", err)
+	}
+	if n := p.lines.takePrefix(limitKey + "|"); n > 0 {
+		p.log.Warn("inbound tunnel ended; refusal lines suppressed for it", "source", peer, "remote", remote, "suppressed", n)
 	}
 	tc.Close()
 	live.Wait()
-}
-
-// handleStream is handleInbound for one stream of a tunnel: only our own
-// service, authorized now with the tunnel's verified peer, then the app.
-func (p *Proxy) handleStream(ctx context.Context, raw net.Conn, tc *tls.Conn, c *tunnel.Conn, svc string, pl *publicListener, release func()) {
-	handedOff := false
-	defer func() {
-		if !handedOff {
-			c.Close()
-			release()
-		}
-	}()
-	cfg := pl.cfg.Load()
-	rec := &accessRecord{dir: "inbound", dest: p.service, endpoint: cfg.LocalServiceAddress,
-		remote: addrString(raw.RemoteAddr()), start: time.Now(), source: peerID(tc)}
-	dst := metrics.Label{Name: "dst", Value: p.service}
-	if svc != p.service {
-		rec.reason, rec.detail = ReasonDenied, "tunnel stream for service "+svc+", not "+p.service
-		p.log.Warn("tunnel stream for another service refused", "source", rec.source, "service", svc)
-		p.metrics.IncrCounter(metrics.InboundDenied, 1, []metrics.Label{{Name: "src", Value: rec.source}, dst})
-		p.logAccess(rec)
-		return
-	}
-	id, serial, err := p.src.PeerOf(tc.ConnectionState())
-	if err == nil {
-		err = p.authorize(ctx, id, serial)
-	}
-	if err != nil {
-		var denied *DeniedError
-		if errors.As(err, &denied) {
-			rec.reason, rec.detail = ReasonDenied, denied.Reason
-			if !p.accessLogged(ReasonDenied) {
-				p.log.Info("inbound connection denied", "source", denied.Source.String(), "reason", denied.Reason, "remote", rec.remote, "tunnel", true)
-			}
-			p.metrics.IncrCounter(metrics.InboundDenied, 1, []metrics.Label{{Name: "src", Value: denied.Source.Service}, dst})
-		} else {
-			reason, label := handshakeFailure(err)
-			rec.reason, rec.detail = reason, err.Error()
-			p.metrics.IncrCounter(metrics.InboundHandshakeFailed, 1, []metrics.Label{dst, {Name: "reason", Value: label}})
-		}
-		p.logAccess(rec)
-		return
-	}
-	network, addr := "tcp", cfg.LocalServiceAddress
-	if strings.HasPrefix(addr, "unix:") {
-		network, addr = "unix", strings.TrimPrefix(addr, "unix:")
-	}
-	d := net.Dialer{Timeout: cfg.LocalConnectTimeoutOrDefault()}
-	app, err := d.DialContext(ctx, network, addr)
-	if err != nil {
-		p.log.Warn("dialing local app failed", "app", addr, "error", err)
-		rec.reason, rec.detail = appDialFailure(err), err.Error()
-		p.metrics.IncrCounter(metrics.InboundAppDialFailed, 1, []metrics.Label{dst, {Name: "reason", Value: rec.reason}})
-		p.logAccess(rec)
-		return
-	}
-	handedOff = true
-	p.proxy(c, c, app, pl.stats, rec, release, nil)
 }
 
 // peerCounts counts live inbound tunnels per peer identity.

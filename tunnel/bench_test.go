@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -15,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hashicorp/yamux"
+	"github.com/libp2p/go-yamux/v5"
 )
 
 // tlsPair returns the two ends of a TLS 1.3 connection over loopback TCP.
@@ -94,17 +95,17 @@ func BenchmarkBulkTLS(b *testing.B) {
 
 func BenchmarkBulkStream(b *testing.B) {
 	c, s := tlsPair(b)
-	cs, err := yamux.Client((c), YamuxConfig(0))
+	cs, err := yamux.Client(c, yamuxConfig(1), nil)
 	if err != nil {
 		b.Fatal(err)
 	}
-	ss, err := yamux.Server((s), YamuxConfig(0))
+	ss, err := yamux.Server(s, yamuxConfig(16), nil)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer cs.Close()
 	defer ss.Close()
-	st, err := cs.OpenStream()
+	st, err := cs.OpenStream(context.Background())
 	if err != nil {
 		b.Fatal(err)
 	}

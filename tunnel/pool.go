@@ -3,44 +3,70 @@ package tunnel
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/hashicorp/yamux"
+	"github.com/libp2p/go-yamux/v5"
 )
 
 // ErrNoRoom means every tunnel to the peer is full and no more may be
 // dialed; the caller falls back to a classic connection.
 var ErrNoRoom = errors.New("tunnel: no room in the pool")
 
+// ErrServerStream is reported to Pool.OnViolation when a server opens a
+// stream on a client tunnel, which the protocol does not allow; the tunnel
+// is closed for it.
+var ErrServerStream = errors.New("tunnel: the server opened a stream")
+
 // Pool holds client tunnels per key (an endpoint). Safe for concurrent use.
 type Pool struct {
 	MaxTunnels  int           // per key; 0 means DefaultMaxTunnels
 	MaxStreams  int           // per tunnel; 0 means DefaultMaxStreams
 	IdleTimeout time.Duration // 0 means DefaultIdleTimeout
+	// Budget bounds each tunnel's receive-window growth (see Limits).
+	Budget int64
+	// OnViolation, if set, is told when a tunnel is closed because the
+	// server broke the protocol (ErrServerStream).
+	OnViolation func(key string, err error)
 
-	mu   sync.Mutex
-	keys map[string][]*tun
+	mu     sync.Mutex
+	keys   map[string][]*tun
+	closed bool
+	wg     sync.WaitGroup // one watcher per tunnel
 
 	open    atomic.Int64 // tunnels open
-	streams atomic.Int64 // streams active
+	streams atomic.Int64 // streams handed out and not closed
 }
 
 type tun struct {
-	sess    *yamux.Session
-	gen     any // what it was dialed with (the certificate bundle)
-	streams int // under Pool.mu
+	sess *yamux.Session
+	b    *budget // b.live: the streams yamux knows on this tunnel
+	gen  any     // what it was dialed with (the certificate bundle)
+	// pending: slots reserved by opens in progress (under Pool.mu).
+	pending int
+	// limit, when > 0, is a stream count the server refused at: no new
+	// streams while live streams are at or above it (under Pool.mu).
+	limit   int
 	idle    *time.Timer
 	dialing bool
-	// goneAway: the server sent GoAway (it is shutting down); live
-	// streams finish, new ones go elsewhere.
-	goneAway bool
+	// draining: the server refused a stream because it is draining; live
+	// streams finish, new ones go elsewhere (under Pool.mu).
+	draining bool
+}
+
+// load is the tunnel's slots in use; p.mu is held.
+func (t *tun) load() int {
+	if t.dialing {
+		return t.pending
+	}
+	return int(t.b.live.Load()) + t.pending
 }
 
 // usable reports whether t may take new streams for gen; p.mu is held.
-func (t *tun) usable(gen any) bool { return t.gen == gen && !t.goneAway }
+func (t *tun) usable(gen any) bool { return t.gen == gen && !t.draining }
 
 // Stats reports tunnels open and streams active.
 func (p *Pool) Stats() (tunnels, streams int64) { return p.open.Load(), p.streams.Load() }
@@ -61,22 +87,28 @@ func (p *Pool) maxStreams() int {
 
 // Open opens a stream to service on the least-loaded live tunnel of key
 // dialed with gen, dialing a new tunnel with dial when all are full and
-// there is room for one. Tunnels of another gen are drained: they take no
-// new streams and close when their last stream ends. The stream header is
-// written before Open returns.
+// there is room for one, and returns it once the server has accepted it.
+// A stream the server refuses (a limit, a drain) is retried on another
+// tunnel; ErrNoRoom means none is left and the caller should dial a
+// classic connection. ErrDenied and ErrUnavailable are the server's
+// answers. Tunnels of another gen are drained: they take no new streams
+// and close when their last stream ends. ctx bounds the whole open.
 func (p *Pool) Open(ctx context.Context, key string, gen any, service string, dial func(context.Context) (net.Conn, error)) (*Conn, error) {
 	hdr, err := AppendHeader(nil, service)
 	if err != nil {
 		return nil, err
 	}
-	for range 3 {
+	for range p.maxTunnels() + 1 {
+		if err := ctx.Err(); err != nil {
+			return nil, context.Cause(ctx)
+		}
 		t, err := p.pick(ctx, key, gen, dial)
 		if err != nil {
 			return nil, err
 		}
-		c, err := p.openOn(key, t, hdr)
-		if err == nil {
-			return c, nil
+		c, err := p.openOn(ctx, key, t, hdr)
+		if err == nil || !errors.Is(err, errRefused) {
+			return c, err
 		}
 	}
 	return nil, ErrNoRoom
@@ -84,21 +116,25 @@ func (p *Pool) Open(ctx context.Context, key string, gen any, service string, di
 
 // Adopt makes an already-handshaken connection that negotiated ALPNMux a
 // tunnel of key and opens a stream on it.
-func (p *Pool) Adopt(key string, gen any, conn net.Conn, service string) (*Conn, error) {
+func (p *Pool) Adopt(ctx context.Context, key string, gen any, conn net.Conn, service string) (*Conn, error) {
 	hdr, err := AppendHeader(nil, service)
 	if err != nil {
 		conn.Close()
 		return nil, err
 	}
-	t, err := p.newTun(conn, gen)
+	t, err := p.newTun(key, conn, gen)
 	if err != nil {
 		return nil, err
 	}
 	p.mu.Lock()
-	t.streams++ // reserved for our stream
+	t.pending++ // reserved for our stream
 	p.keysLocked()[key] = append(p.keys[key], t)
 	p.mu.Unlock()
-	return p.openReserved(key, t, hdr)
+	c, err := p.openOn(ctx, key, t, hdr)
+	if errors.Is(err, errRefused) {
+		return nil, ErrNoRoom
+	}
+	return c, err
 }
 
 func (p *Pool) keysLocked() map[string][]*tun {
@@ -108,24 +144,41 @@ func (p *Pool) keysLocked() map[string][]*tun {
 	return p.keys
 }
 
-func (p *Pool) newTun(conn net.Conn, gen any) (*tun, error) {
-	sess, err := yamux.Client(newCoalescer(conn), YamuxConfig(p.maxStreams()))
+// newTun starts a client session on conn and its watcher, which closes
+// the tunnel if the server opens a stream and counts the tunnel open
+// until its session ends.
+func (p *Pool) newTun(key string, conn net.Conn, gen any) (*tun, error) {
+	b := newBudget(p.Budget)
+	// One incoming stream is let through to the watcher, which reports
+	// it and closes the tunnel; yamux resets any beyond it.
+	sess, err := yamux.Client(conn, yamuxConfig(1), b.span)
 	if err != nil {
 		conn.Close()
 		return nil, err
 	}
 	p.open.Add(1)
-	t := &tun{sess: sess, gen: gen}
-	go func() {
-		<-sess.CloseChan()
-		p.open.Add(-1)
-	}()
-	return t, nil
+	p.wg.Go(func() {
+		defer p.open.Add(-1)
+		st, err := sess.AcceptStream()
+		if err != nil {
+			return // the session ended
+		}
+		st.Reset()
+		sess.Close()
+		if p.OnViolation != nil {
+			p.OnViolation(key, ErrServerStream)
+		}
+	})
+	return &tun{sess: sess, b: b, gen: gen}, nil
 }
 
 // pick returns a tunnel with a stream slot reserved for the caller.
 func (p *Pool) pick(ctx context.Context, key string, gen any, dial func(context.Context) (net.Conn, error)) (*tun, error) {
 	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil, ErrNoRoom
+	}
 	ts := p.prune(key, gen)
 	var best *tun
 	usable := 0
@@ -134,15 +187,16 @@ func (p *Pool) pick(ctx context.Context, key string, gen any, dial func(context.
 			continue
 		}
 		usable++
-		if t.dialing || t.streams >= p.maxStreams() {
+		load := t.load()
+		if t.dialing || load >= p.maxStreams() || (t.limit > 0 && load >= t.limit) {
 			continue
 		}
-		if best == nil || t.streams < best.streams {
+		if best == nil || load < best.load() {
 			best = t
 		}
 	}
 	if best != nil {
-		best.streams++
+		best.pending++
 		p.stopIdle(best)
 		p.mu.Unlock()
 		return best, nil
@@ -152,14 +206,14 @@ func (p *Pool) pick(ctx context.Context, key string, gen any, dial func(context.
 		return nil, ErrNoRoom
 	}
 	// Hold a place for the tunnel being dialed.
-	ph := &tun{gen: gen, dialing: true, streams: 1}
+	ph := &tun{gen: gen, dialing: true, pending: 1}
 	p.keysLocked()[key] = append(ts, ph)
 	p.mu.Unlock()
 
 	conn, err := dial(ctx)
 	var t *tun
 	if err == nil {
-		t, err = p.newTun(conn, gen)
+		t, err = p.newTun(key, conn, gen)
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -167,7 +221,10 @@ func (p *Pool) pick(ctx context.Context, key string, gen any, dial func(context.
 		p.remove(key, ph)
 		return nil, err
 	}
-	ph.sess, ph.dialing = t.sess, false
+	ph.sess, ph.b, ph.dialing = t.sess, t.b, false
+	if p.closed {
+		ph.sess.Close()
+	}
 	return ph, nil
 }
 
@@ -177,10 +234,12 @@ func (p *Pool) prune(key string, gen any) []*tun {
 	out := ts[:0]
 	for _, t := range ts {
 		if !t.dialing && t.sess.IsClosed() {
+			p.stopIdle(t)
 			continue
 		}
-		if !t.dialing && !t.usable(gen) && t.streams == 0 {
-			t.sess.Close()
+		if !t.dialing && !t.usable(gen) && t.load() == 0 {
+			p.stopIdle(t)
+			go t.sess.Close() // Close waits for the session's loops; not under p.mu
 			continue
 		}
 		out = append(out, t)
@@ -216,71 +275,125 @@ func (p *Pool) stopIdle(t *tun) {
 	}
 }
 
-func (p *Pool) openOn(key string, t *tun, hdr []byte) (*Conn, error) {
-	c, err := p.openReserved(key, t, hdr)
-	return c, err
-}
-
-// openReserved opens a stream on t, whose slot is already reserved.
-func (p *Pool) openReserved(key string, t *tun, hdr []byte) (*Conn, error) {
-	st, err := t.sess.OpenStream()
-	if err == nil {
-		if _, err = st.Write(hdr); err != nil {
-			st.Close()
-		}
-	}
+// openOn opens a stream on t, whose slot is reserved, writes the header
+// and waits for the server's answer within ctx.
+func (p *Pool) openOn(ctx context.Context, key string, t *tun, hdr []byte) (*Conn, error) {
+	st, err := t.sess.OpenStream(ctx)
+	p.mu.Lock()
+	t.pending--
+	p.mu.Unlock()
 	if err != nil {
-		if errors.Is(err, yamux.ErrRemoteGoAway) {
+		p.idleCheck(key, t)
+		return nil, errors.Join(errRefused, err) // the tunnel is gone or full: try another
+	}
+	answer, err := handshakeStream(ctx, st, hdr)
+	if err != nil {
+		st.Reset()
+		var se *yamux.StreamError
+		switch {
+		case errors.As(err, &se) && se.Remote && se.ErrorCode == StatusDenied:
+			err = ErrDenied
+		case errors.As(err, &se) && se.Remote && se.ErrorCode == StatusUnavailable:
+			err = ErrUnavailable
+		case errors.As(err, &se) && se.Remote && se.ErrorCode == StatusDraining:
 			p.mu.Lock()
-			t.goneAway = true
+			t.draining = true
 			p.mu.Unlock()
+			err = errors.Join(errRefused, err)
+		case errors.As(err, &se) && se.Remote && se.ErrorCode == StatusRate:
+			err = errors.Join(errRefused, err)
+		case errors.As(err, &se) && se.Remote:
+			// The server's stream limit (StatusRefused, or yamux's own
+			// reset, code 0): it has fewer slots than we thought. Learn
+			// them; the retry goes to another tunnel.
+			p.mu.Lock()
+			if live := int(t.b.live.Load()); t.limit == 0 || live < t.limit {
+				t.limit = max(live, 1)
+			}
+			p.mu.Unlock()
+			err = errors.Join(errRefused, err)
+		case ctx.Err() == nil:
+			err = errors.Join(errRefused, err) // the tunnel broke: try another
 		}
-		p.done(key, t)
+		p.idleCheck(key, t)
 		return nil, err
+	}
+	if answer != StatusOK {
+		st.Reset()
+		p.idleCheck(key, t)
+		return nil, errors.New("tunnel: server answered with an unknown status")
 	}
 	p.streams.Add(1)
 	return NewConn(st, func() {
 		p.streams.Add(-1)
-		p.done(key, t)
+		p.idleCheck(key, t)
 	}), nil
 }
 
-// done gives back t's stream slot and arms the idle timer at zero.
-func (p *Pool) done(key string, t *tun) {
+// handshakeStream writes hdr on st and reads the server's answer, within
+// ctx.
+func handshakeStream(ctx context.Context, st *yamux.Stream, hdr []byte) (byte, error) {
+	if dl, ok := ctx.Deadline(); ok {
+		st.SetDeadline(dl)
+	}
+	stop := context.AfterFunc(ctx, func() { st.SetDeadline(time.Now()) })
+	defer stop()
+	defer st.SetDeadline(time.Time{})
+	if _, err := st.Write(hdr); err != nil {
+		return 0, err
+	}
+	var b [1]byte
+	if _, err := io.ReadFull(st, b[:]); err != nil {
+		if ctx.Err() != nil {
+			return 0, context.Cause(ctx)
+		}
+		return 0, err
+	}
+	return b[0], nil
+}
+
+// idleCheck arms t's idle timer when it carries no stream.
+func (p *Pool) idleCheck(key string, t *tun) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	t.streams--
-	if t.streams > 0 {
+	if t.load() > 0 || p.closed {
 		return
 	}
-	if t.idle != nil {
-		t.idle.Stop()
-	}
+	p.stopIdle(t)
 	idle := p.IdleTimeout
 	if idle <= 0 {
 		idle = DefaultIdleTimeout
 	}
 	t.idle = time.AfterFunc(idle, func() {
 		p.mu.Lock()
-		defer p.mu.Unlock()
-		if t.streams == 0 {
-			t.sess.Close()
+		close := t.load() == 0 && !t.dialing
+		if close {
 			p.remove(key, t)
+		}
+		p.mu.Unlock()
+		if close {
+			t.sess.Close()
 		}
 	})
 }
 
-// Close closes every tunnel.
+// Close closes every tunnel and waits for their watchers.
 func (p *Pool) Close() {
 	p.mu.Lock()
-	defer p.mu.Unlock()
+	p.closed = true
+	var sessions []*yamux.Session
 	for k, ts := range p.keys {
 		for _, t := range ts {
 			if !t.dialing {
-				t.sess.Close()
+				sessions = append(sessions, t.sess)
 			}
 			p.stopIdle(t)
 		}
 		delete(p.keys, k)
 	}
+	p.mu.Unlock()
+	for _, s := range sessions {
+		s.Close()
+	}
+	p.wg.Wait()
 }

@@ -4,9 +4,10 @@ import (
 	"context"
 	"errors"
 	"net"
+	"sync"
 	"time"
 
-	"github.com/hashicorp/yamux"
+	"github.com/libp2p/go-yamux/v5"
 	"golang.org/x/time/rate"
 )
 
@@ -27,20 +28,34 @@ type Limits struct {
 	MaxStreams  int        // concurrent streams (DefaultMaxStreams)
 	StreamRate  rate.Limit // stream opens per second (DefaultStreamRate)
 	StreamBurst int        // (DefaultStreamBurst)
+	// Budget bounds the receive-window growth of the tunnel's streams
+	// together (DefaultTunnelBudget).
+	Budget int64
 }
 
-// ErrStreamRate is reported for a stream refused because the tunnel opened
-// streams faster than Limits allow.
-var ErrStreamRate = errors.New("tunnel: stream-open rate exceeded")
+// Refusals reported to Serve's onErr.
+var (
+	// ErrStreamRate: the tunnel opened streams faster than Limits allow.
+	ErrStreamRate = errors.New("tunnel: stream-open rate exceeded")
+	// ErrTooManyStreams: the tunnel already carries Limits.MaxStreams.
+	ErrTooManyStreams = errors.New("tunnel: too many concurrent streams")
+)
+
+// drainPoll is how often a draining tunnel checks whether its last stream
+// has ended.
+const drainPoll = 50 * time.Millisecond
 
 // Serve runs a server session on an established tunnel connection and
-// calls handle for every stream with its header read, in a goroutine of its
-// own, within lim (streams beyond are closed at once and reported to
-// onErr: ErrTooManyStreams, ErrStreamRate). It returns when the session ends or
-// ctx is done, which sends GoAway (no new streams) and leaves live streams
-// to finish; the caller closes conn after its streams are done. onErr
-// also reports header errors; an error in the framing itself ends the
-// session (Serve's error).
+// calls handle for every stream with its header read, on a goroutine of
+// its own; handle answers the stream (Conn.Accept or Conn.Refuse) and may
+// return before the stream ends. Streams beyond lim are refused
+// (StatusRefused, StatusRate) and reported to onErr (ErrTooManyStreams,
+// ErrStreamRate), as are bad headers (ErrBadHeader). When ctx is done the
+// tunnel drains: new streams are refused with StatusDraining (the client takes them
+// elsewhere) and the session closes once the live ones have ended. Serve
+// returns when the session has ended and every goroutine it started has
+// returned (handle included); an error in the framing itself ends the
+// session and is Serve's error.
 func Serve(ctx context.Context, conn net.Conn, lim Limits, handle func(c *Conn, service string), onErr func(error)) error {
 	maxStreams := lim.MaxStreams
 	if maxStreams <= 0 {
@@ -53,77 +68,73 @@ func Serve(ctx context.Context, conn net.Conn, lim Limits, handle func(c *Conn, 
 	if burst <= 0 {
 		burst = DefaultStreamBurst
 	}
+	if onErr == nil {
+		onErr = func(error) {}
+	}
 	opens := rate.NewLimiter(r, burst)
-	sess, err := yamux.Server(newCoalescer(conn), YamuxConfig(maxStreams))
+	// yamux resets streams beyond twice the limit by itself (a backstop
+	// that does not wait for the accept loop); up to there, the accept
+	// loop refuses and counts.
+	b := newBudget(lim.Budget)
+	sess, err := yamux.Server(conn, yamuxConfig(2*maxStreams), b.span)
 	if err != nil {
 		return err
 	}
-	// Draining: GoAway refuses new streams; the session closes once the
-	// live ones are done (or the caller closes conn).
-	stop := context.AfterFunc(ctx, func() {
-		sess.GoAway()
-		for sess.NumStreams() > 0 && !sess.IsClosed() {
-			time.Sleep(50 * time.Millisecond)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer sess.Close()
+	wg.Go(func() {
+		select {
+		case <-ctx.Done():
+		case <-sess.CloseChan():
+			return
+		}
+		t := time.NewTicker(drainPoll)
+		defer t.Stop()
+		for sess.NumStreams() > 0 {
+			select {
+			case <-t.C:
+			case <-sess.CloseChan():
+				return
+			}
 		}
 		sess.Close()
 	})
-	defer stop()
-	defer sess.Close()
-	sem := make(chan struct{}, maxStreams)
 	for {
 		st, err := sess.AcceptStream()
 		if err != nil {
-			if ctx.Err() != nil {
+			if ctx.Err() != nil || errors.Is(err, yamux.ErrSessionShutdown) {
 				return nil
 			}
 			return err
 		}
-		if !opens.Allow() {
-			st.Close()
-			if onErr != nil {
-				onErr(ErrStreamRate)
-			}
+		c := NewConn(st, nil)
+		switch {
+		case ctx.Err() != nil:
+			c.Refuse(StatusDraining)
+			continue
+		case !opens.Allow():
+			c.Refuse(StatusRate)
+			onErr(ErrStreamRate)
+			continue
+		case sess.NumStreams() > maxStreams:
+			// The client counts a stream until yamux forgets it on its
+			// side, which is never before ours: a client within the
+			// limit does not get here.
+			c.Refuse(StatusRefused)
+			onErr(ErrTooManyStreams)
 			continue
 		}
-		select {
-		case sem <- struct{}{}:
-		default:
-			st.Close()
-			if onErr != nil {
-				onErr(ErrTooManyStreams)
-			}
-			continue
-		}
-		go func() {
-			c := NewConn(st, func() { <-sem })
+		wg.Go(func() {
 			st.SetReadDeadline(time.Now().Add(HeaderTimeout))
 			svc, err := ReadHeader(st)
 			st.SetReadDeadline(time.Time{})
 			if err != nil {
-				c.Close()
-				if onErr != nil {
-					onErr(err)
-				}
+				c.Refuse(StatusBadHeader)
+				onErr(err)
 				return
 			}
 			handle(c, svc)
-		}()
+		})
 	}
-}
-
-// ErrTooManyStreams is reported for a stream refused because the tunnel
-// already carries Limits.MaxStreams streams.
-var ErrTooManyStreams = errors.New("tunnel: too many concurrent streams")
-
-// IsFramingError reports whether err, as returned by Serve, means the peer
-// broke the yamux framing (the tunnel was closed for it) rather than the
-// connection ending.
-func IsFramingError(err error) bool {
-	for _, e := range []error{yamux.ErrInvalidVersion, yamux.ErrInvalidMsgType, yamux.ErrDuplicateStream,
-		yamux.ErrRecvWindowExceeded, yamux.ErrUnexpectedFlag} {
-		if errors.Is(err, e) {
-			return true
-		}
-	}
-	return false
 }

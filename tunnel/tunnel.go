@@ -1,31 +1,35 @@
 // Package tunnel carries application connections as yamux streams inside
 // long-lived mTLS connections between two strait proxies (ALPN
-// tlsutil.ALPNMux).
+// tlsutil.ALPNMux, "strait-mux/2").
 //
-// Stream header, written by the client right after opening a stream and
-// followed at once by the application's bytes (no round trip):
+// Framing is yamux (github.com/libp2p/go-yamux: stream resets with error
+// codes, context-aware opens, per-stream memory accounting). On a new
+// stream the client writes the stream header at once:
 //
-//	byte 0      version (1)
+//	byte 0      version (2)
 //	byte 1      n, the length of the destination service name (1..255)
 //	bytes 2..   the destination service name, n bytes
 //
-// The server reads the header, refuses any service but its own, authorizes
-// the stream with the tunnel's verified peer and only then dials the app.
+// and waits for the server's answer before any application byte is sent:
+// one byte, StatusOK, once the server has checked the service, authorized
+// the stream with the tunnel's verified peer and dialed the app; or a reset
+// of the stream whose error code says why (StatusRefused: a limit or a
+// stream limit, StatusDraining, StatusRate: try another tunnel or a
+// classic connection; StatusDenied;
+// StatusUnavailable: the app could not be dialed; StatusBadHeader). Nothing
+// the client sends before the answer can reach an application, so a refused
+// stream is retried elsewhere without losing a byte.
 //
-// Memory: yamux buffers at most the receive window per stream
-// (StreamWindow, 4 MiB) when the local app reads slower than the peer
-// sends, as a kernel TCP receive buffer would (Linux autotunes those up to
-// 6 MiB). An idle stream holds no proxy buffer (the copy loop waits with
-// WaitRead) and about 4 KiB of yamux state: yamux keeps a stream's receive
-// buffer at the largest size it reached (up to about twice the window), so
-// WaitRead gives it back after ShrinkAfter of idleness.
+// Stream slots: both ends count a stream from its SYN until yamux forgets it
+// (both FINs, or a reset). A stream closed before both sides finished is
+// reset, never left half-open, so the client's count is never below the
+// server's and a client within the server's MaxStreams is never refused.
 //
-// Framing costs: yamux writes a frame's 12-byte header and its body with
-// two Writes (two TLS records, two system calls) and hands every frame to
-// its send loop. The coalescer joins header and body, and the proxy writes
-// tunnel streams in frames of eight full TLS records, which together
-// brought a single stream from 0.46x to 0.86x the throughput of a classic
-// TLS connection (make bench; see docs/performance.md).
+// Memory: a stream may have the yamux initial window (256 KiB) in flight;
+// window growth beyond it (up to StreamWindow per stream) is drawn from a
+// per-tunnel budget (DefaultTunnelBudget). Refused streams are reset at
+// once, so data sent on them is dropped on arrival. docs/limits.md has the
+// worst case per peer.
 package tunnel
 
 import (
@@ -36,22 +40,51 @@ import (
 	"sync"
 	"time"
 
-	"github.com/hashicorp/yamux"
+	"github.com/libp2p/go-yamux/v5"
 )
 
 // Version is the stream header version.
-const Version = 1
+const Version = 2
 
 // Defaults.
 const (
 	DefaultMaxTunnels  = 8
 	DefaultMaxStreams  = 1024
 	DefaultIdleTimeout = 90 * time.Second
-	// StreamWindow is the per-stream receive window. yamux's 256 KiB
-	// default stalls bulk streams on window updates: in make bench, 1 MiB
-	// left 8 streams at 0.95-0.98x classic TLS, 2 MiB at 0.97-1.09x,
-	// 4 MiB at 1.05-1.08x.
-	StreamWindow = 4 * 1024 * 1024
+	// StreamWindow is the largest receive window a stream grows to. yamux's
+	// 256 KiB initial window stalls bulk streams on window updates: in make
+	// bench, 1 MiB left 8 streams at 0.95-0.98x classic TLS, 2 MiB at
+	// 0.97-1.09x, 4 MiB at 1.05-1.08x.
+	StreamWindow = 4 << 20
+	// DefaultTunnelBudget bounds the window growth of all streams of one
+	// tunnel together (see the package doc).
+	DefaultTunnelBudget = 16 << 20
+	// frameSize is the largest yamux frame: eight full TLS records
+	// (header included), so that a bulk stream's frames fill records.
+	frameSize = 8 * 16384
+)
+
+// Answers of the server to a stream header: StatusOK is written as one
+// byte; the others are the error code of the stream's reset.
+const (
+	StatusOK          = 0
+	StatusRefused     = 1
+	StatusDenied      = 2
+	StatusUnavailable = 3
+	StatusBadHeader   = 4
+	StatusDraining    = 5 // the server is draining: no new streams on this tunnel
+	StatusRate        = 6 // the tunnel opened streams too fast: try another
+)
+
+// Errors of a stream open (Pool.Open).
+var (
+	// ErrDenied: the server's intentions deny us; a classic connection
+	// would be denied too.
+	ErrDenied = errors.New("tunnel: stream denied by the server")
+	// ErrUnavailable: the server could not dial its application.
+	ErrUnavailable = errors.New("tunnel: the server's application is unavailable")
+	// errRefused: a limit or a drain on the server; retried elsewhere.
+	errRefused = errors.New("tunnel: stream refused")
 )
 
 // ErrBadHeader is returned for a stream header that does not parse.
@@ -85,134 +118,67 @@ func ReadHeader(r io.Reader) (string, error) {
 	return string(name), nil
 }
 
-// YamuxConfig is the session configuration both sides use.
-func YamuxConfig(maxStreams int) *yamux.Config {
+// yamuxConfig is the session configuration; maxIncoming bounds the
+// streams the peer may open (yamux resets the rest).
+func yamuxConfig(maxIncoming int) *yamux.Config {
 	c := yamux.DefaultConfig()
 	c.LogOutput = io.Discard
 	c.MaxStreamWindowSize = StreamWindow
-	// No absolute limit on a half-closed stream: yamux's default (5m after
-	// our FIN, then RST) would cut a long reply to a client that
-	// half-closed after its request. The proxy's copy loop bounds
-	// half-closed streams by idleness (-half-close-timeout) and Closes
-	// both ends, which frees the stream on both sides.
-	c.StreamCloseTimeout = 0
-	if maxStreams > 0 {
-		c.AcceptBacklog = maxStreams
-	}
+	c.MaxMessageSize = frameSize
+	c.MaxIncomingStreams = uint32(maxIncoming)
+	c.AcceptBacklog = maxIncoming
 	return c
 }
 
 // Conn is one stream as a net.Conn for the proxy's copy loop: CloseWrite
-// is yamux's Close (a FIN; reading goes on), Close also stops reading, and
-// the first Close runs the release func.
+// sends FIN (reading goes on); Close resets the stream unless both sides
+// have finished, and runs the release func once.
 type Conn struct {
 	*yamux.Stream
 	once    sync.Once
 	release func()
-
-	dl       sync.Mutex
-	deadline time.Time // the caller's read deadline
-	idleWait bool      // WaitRead is in its first wait, bounded by shrinkAt
-	shrinkAt time.Time
-
-	// readSinceShrink counts bytes read since the receive buffer was last
-	// given back; only the reading goroutine touches it.
-	readSinceShrink int
 }
-
-// shrinkMinBytes: below this much data read since the last shrink, the
-// receive buffer cannot have grown much and WaitRead waits plainly,
-// without the deadline juggling (and its allocations) of a bounded wait.
-const shrinkMinBytes = 64 << 10
-
-// ShrinkAfter is how long WaitRead waits before it gives the stream's
-// receive buffer back: yamux keeps that buffer at the largest size it
-// reached (up to twice StreamWindow after a slow reader) for the stream's
-// lifetime otherwise.
-var ShrinkAfter = time.Second
 
 // NewConn wraps a stream; release (may be nil) runs once on Close.
 func NewConn(s *yamux.Stream, release func()) *Conn { return &Conn{Stream: s, release: release} }
 
-// ErrTunnelLost is what a live stream reads when its tunnel dies: yamux
-// reports EOF, which would look like the peer's half-close.
+// ErrTunnelLost is what a live stream reads when its tunnel dies, so that
+// the copy loop resets the app connection instead of half-closing it. A
+// stream whose peer had already finished still reads its data and EOF.
 var ErrTunnelLost = errors.New("tunnel: connection lost")
 
-// Read is the stream's Read, except that EOF caused by the tunnel ending
-// is ErrTunnelLost, so the copy loop resets the app connection instead of
-// half-closing it.
+// Read is the stream's Read, with the tunnel's end reported as
+// ErrTunnelLost.
 func (c *Conn) Read(b []byte) (int, error) {
 	n, err := c.Stream.Read(b)
-	c.readSinceShrink += n
-	if err == io.EOF && c.Stream.Session().IsClosed() {
-		err = ErrTunnelLost
+	if err != nil && err != io.EOF && c.Stream.Session().IsClosed() {
+		err = fmt.Errorf("%w: %w", ErrTunnelLost, err)
 	}
 	return n, err
 }
 
 // WaitRead blocks until Read would return data, EOF or an error, without
-// a buffer: yamux's Read with an empty buffer waits for data and leaves it
-// buffered. The proxy's copy loop waits this way so that an idle stream
-// holds no read buffer; after ShrinkAfter of waiting the stream's receive
-// buffer is released too, once enough has been read for it to have grown.
+// a buffer: a stream's Read with an empty buffer waits for data and leaves
+// it buffered. The proxy's copy loop waits this way so that an idle stream
+// holds no read buffer (yamux gives a stream's receive segments back as
+// they are read).
 func (c *Conn) WaitRead() error {
-	if c.readSinceShrink < shrinkMinBytes {
-		_, err := c.Read(nil)
-		return err
-	}
-	c.dl.Lock()
-	c.idleWait, c.shrinkAt = true, time.Now().Add(ShrinkAfter)
-	c.Stream.SetReadDeadline(c.effectiveDeadline())
-	c.dl.Unlock()
 	_, err := c.Read(nil)
-	c.dl.Lock()
-	c.idleWait = false
-	user := c.deadline
-	c.Stream.SetReadDeadline(user)
-	c.dl.Unlock()
-	if !errors.Is(err, yamux.ErrTimeout) || (!user.IsZero() && !time.Now().Before(user)) {
-		return err
-	}
-	c.Stream.Shrink()
-	c.readSinceShrink = 0
-	_, err = c.Read(nil)
 	return err
 }
 
-// effectiveDeadline is the caller's deadline, or WaitRead's shrink
-// deadline when that comes first; c.dl is held.
-func (c *Conn) effectiveDeadline() time.Time {
-	if c.idleWait && (c.deadline.IsZero() || c.shrinkAt.Before(c.deadline)) {
-		return c.shrinkAt
-	}
-	return c.deadline
-}
-
-// SetReadDeadline sets the read deadline; it also applies at once to a
-// WaitRead in progress.
-func (c *Conn) SetReadDeadline(t time.Time) error {
-	c.dl.Lock()
-	defer c.dl.Unlock()
-	c.deadline = t
-	return c.Stream.SetReadDeadline(c.effectiveDeadline())
-}
-
-// SetDeadline sets both deadlines.
-func (c *Conn) SetDeadline(t time.Time) error {
-	c.SetReadDeadline(t)
-	return c.Stream.SetWriteDeadline(t)
-}
-
 // CloseWrite sends FIN; the peer reads EOF and may go on writing.
-func (c *Conn) CloseWrite() error { return c.Stream.Close() }
+func (c *Conn) CloseWrite() error { return c.Stream.CloseWrite() }
 
-// Close finishes the stream both ways.
+// CloseRead does nothing: yamux's CloseRead is not seen by the peer and
+// would let the two ends disagree on the stream's slot. Close resets.
+func (c *Conn) CloseRead() error { return nil }
+
+// Close finishes the stream: a reset unless both sides already finished
+// (then yamux has forgotten it and the reset is a no-op).
 func (c *Conn) Close() error {
-	err := c.Stream.Close()
+	err := c.Stream.Reset()
 	c.once.Do(func() {
-		// Stop waiting for the peer's data: a reader blocked in Read is
-		// woken, and what the peer still sends is dropped by the deadline.
-		c.SetReadDeadline(time.Now())
 		if c.release != nil {
 			c.release()
 		}
@@ -220,4 +186,40 @@ func (c *Conn) Close() error {
 	return err
 }
 
+// Refuse resets the stream with status (StatusRefused, ...) as its error
+// code and releases it.
+func (c *Conn) Refuse(status uint32) {
+	c.Stream.ResetWithError(status)
+	c.Close()
+}
+
+// Accept answers the stream's header with StatusOK.
+func (c *Conn) Accept() error {
+	_, err := c.Stream.Write([]byte{StatusOK})
+	return err
+}
+
+// Reset is an abortive close (the copy loop's abort): the peer's reads and
+// writes fail at once.
+func (c *Conn) Reset() error { return c.Close() }
+
 var _ net.Conn = (*Conn)(nil)
+
+// IsReset reports whether err is a stream reset (by either side) or the
+// loss of the stream's tunnel.
+func IsReset(err error) bool {
+	return errors.Is(err, yamux.ErrStreamReset) || errors.Is(err, ErrTunnelLost)
+}
+
+// IsFramingError reports whether err, as returned by Serve, means the peer
+// broke the yamux framing (the tunnel was closed for it) rather than the
+// connection ending.
+func IsFramingError(err error) bool {
+	for _, e := range []error{yamux.ErrInvalidVersion, yamux.ErrInvalidMsgType, yamux.ErrDuplicateStream,
+		yamux.ErrRecvWindowExceeded, yamux.ErrUnexpectedFlag} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}

@@ -96,8 +96,8 @@ func (u *Upstream) dial(ctx context.Context, mux bool) (net.Conn, Endpoint, func
 		}
 		e.st.active.Add(-1)
 		errs = append(errs, fmt.Errorf("attempt %d to %s: %w", attempt, e.Endpoint, err))
-		if caller.Err() != nil {
-			break // the caller gave up; not the endpoint's fault
+		if caller.Err() != nil || errors.Is(err, tunnel.ErrDenied) {
+			break // the caller gave up, or intentions deny us: not the endpoint's fault
 		}
 		u.failed(e, attempt, err)
 	}
@@ -231,7 +231,7 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 				return nil, errors.New("peer selected " + tlsutil.ALPNMux + " unoffered")
 			}
 			ep.st.peer.Store(peerMux)
-			tc, err := u.pool.Adopt(key, gen, c, e.Service)
+			tc, err := u.pool.Adopt(ctx, key, gen, c, e.Service)
 			if err != nil {
 				return nil, err
 			}
