@@ -18,6 +18,7 @@ import (
 	"github.com/straitproxy/strait/authz"
 	"github.com/straitproxy/strait/config"
 	"github.com/straitproxy/strait/internal/testagent"
+	"github.com/straitproxy/strait/internal/testutil"
 	"github.com/straitproxy/strait/metrics"
 	"github.com/straitproxy/strait/proxy"
 )
@@ -75,7 +76,7 @@ func (e *env) deliver() { e.cfgs <- e.cfg }
 
 func (e *env) waitReady(t *testing.T) {
 	t.Helper()
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		code, body := get(t, e.base+"/ready")
 		if code != 200 {
 			return fmt.Errorf("/ready %d %s", code, body)
@@ -130,22 +131,6 @@ func getJSON(t *testing.T, url string, v any) int {
 	return code
 }
 
-// eventually polls cond until it holds, for at most 10s.
-func eventually(t *testing.T, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatal(err)
-		}
-		time.Sleep(5 * time.Millisecond) // poll interval, not synchronisation
-	}
-}
-
 // TestReadyTransitions: /ready is 503 with the reason until certificates
 // arrive, 200 once serving, still 200 with a degraded entry when the agent
 // goes away, and 503 again once shutdown starts.
@@ -158,7 +143,7 @@ func TestReadyTransitions(t *testing.T) {
 	}
 	release := e.agent.HoldLeaves()
 	e.deliver()
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		var rd proxy.Readiness
 		if code := getJSON(t, e.base+"/ready", &rd); code != 503 || rd.Reason != "waiting for certificates" {
 			return fmt.Errorf("while the leaf is held: %d %+v", code, rd)
@@ -176,7 +161,7 @@ func TestReadyTransitions(t *testing.T) {
 	}
 
 	e.agent.Stop()
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		var rd proxy.Readiness
 		code := getJSON(t, e.base+"/ready", &rd)
 		if code != 200 || !rd.Ready {
@@ -205,7 +190,7 @@ func TestMetricsBuiltinNames(t *testing.T) {
 	e.deliver()
 	e.waitReady(t)
 	e.agent.SetEndpoints("web", e.p.PublicAddr().String())
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		if u := e.p.Upstreams(); len(u) != 1 || u[0].HealthyEndpoints != 1 {
 			return errors.New("upstream has not seen its endpoint")
 		}
@@ -233,7 +218,7 @@ func TestMetricsBuiltinNames(t *testing.T) {
 		`upstream_tx_bytes{src="web",dst_type="service",dst="web"} 5`,
 		`upstream_healthy_endpoints{src="web",dst_type="service",dst="web"} 1`,
 	}
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		code, body := get(t, e.base+"/metrics")
 		if code != 200 {
 			return fmt.Errorf("/metrics %d", code)

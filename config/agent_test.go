@@ -15,6 +15,8 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/straitproxy/strait/internal/testutil"
 )
 
 // registration is what GET /v1/agent/service/web-sidecar-proxy returns for
@@ -635,39 +637,6 @@ func (f *fakeServiceAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// syncBuffer collects log output safely across goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.NewTimer(15 * time.Second)
-	defer deadline.Stop()
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-deadline.C:
-			t.Fatalf("timed out waiting for %s", what)
-		case <-tick.C:
-		}
-	}
-}
-
 func receive(t *testing.T, out <-chan *Config) *Config {
 	t.Helper()
 	select {
@@ -685,7 +654,7 @@ func TestWatchAgent(t *testing.T) {
 	f.set(registrationJSON(t), "h1")
 	srv := httptest.NewServer(f)
 	defer srv.Close()
-	logs := &syncBuffer{}
+	logs := &testutil.Buffer{}
 	log := hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Debug})
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -710,7 +679,7 @@ func TestWatchAgent(t *testing.T) {
 	}
 
 	// Unchanged hash: the watch blocks again and delivers nothing.
-	eventually(t, "two more blocking requests", func() bool { return len(f.requests()) >= 3 })
+	testutil.Eventually(t, "two more blocking requests", func() bool { return len(f.requests()) >= 3 })
 	reqs := f.requests()
 	if reqs[0] != "" || reqs[1] != "h1" || reqs[2] != "h1" {
 		t.Fatalf("request hashes %q, want \"\", h1, h1", reqs[:3])
@@ -729,7 +698,7 @@ func TestWatchAgent(t *testing.T) {
 	// A registration that is not a usable proxy is skipped, and the watch
 	// moves on to its hash.
 	f.set(registrationJSON(t, set(top, "Kind", "")), "h3")
-	eventually(t, "a request blocking on h3", func() bool { return slices.Contains(f.requests(), "h3") })
+	testutil.Eventually(t, "a request blocking on h3", func() bool { return slices.Contains(f.requests(), "h3") })
 	if len(out) != 0 {
 		t.Fatalf("unusable registration delivered: %+v", <-out)
 	}
@@ -739,7 +708,7 @@ func TestWatchAgent(t *testing.T) {
 
 	// A body that does not decode at all: retried, not delivered.
 	f.set([]byte(`{"Kind": "connect-proxy", "Port": `), "h4")
-	eventually(t, "the broken body to be retried", func() bool { return f.servedCount("h4") >= 2 })
+	testutil.Eventually(t, "the broken body to be retried", func() bool { return f.servedCount("h4") >= 2 })
 	if len(out) != 0 {
 		t.Fatalf("undecodable registration delivered: %+v", <-out)
 	}
@@ -770,7 +739,7 @@ func TestWatchAgentStopsWhileDelivering(t *testing.T) {
 		defer close(done)
 		WatchAgent(ctx, newAPIClient(t, srv), "p", hclog.NewNullLogger(), make(chan *Config)) // nobody reads
 	}()
-	eventually(t, "the first response", func() bool { return f.servedCount("h1") >= 1 })
+	testutil.Eventually(t, "the first response", func() bool { return f.servedCount("h1") >= 1 })
 	cancel()
 	select {
 	case <-done:

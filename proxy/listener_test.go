@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/straitproxy/strait/internal/testutil"
 )
 
 // TestServerShutdownDrains: Shutdown stops accepting at once, lets a live
@@ -93,12 +95,8 @@ func TestServerShutdownForces(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	for deadline := time.Now().Add(5 * time.Second); s.Active() == 0; {
-		if time.Now().After(deadline) {
-			t.Fatal("connection never tracked")
-		}
-		time.Sleep(time.Millisecond) // poll: the accept loop registers the connection
-	}
+	// The accept loop registers the connection.
+	testutil.Eventually(t, "the connection to be tracked", func() bool { return s.Active() != 0 })
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	s.Shutdown(ctx)
