@@ -91,7 +91,6 @@ type Proxy struct {
 	cancel context.CancelFunc
 	bg     sync.WaitGroup // watches and background drains
 
-	localDC string
 	src     *tlsutil.Source
 	az      *authz.Authorizer
 	service string
