@@ -104,7 +104,8 @@ type Upstream struct {
 
 	// LocalBindAddress and LocalBindPort form the TCP listener, unless
 	// LocalBindSocketPath is set, in which case a unix socket with mode
-	// LocalBindSocketMode (0 means 0600 after umask) is used instead.
+	// LocalBindSocketMode is used instead. Mode 0 leaves the socket as the
+	// umask makes it (0777 &^ umask, 0755 under the usual 022), as Envoy does.
 	LocalBindAddress    string
 	LocalBindPort       int
 	LocalBindSocketPath string

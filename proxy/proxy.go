@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -500,11 +501,25 @@ func (p *Proxy) listenUpstream(u config.Upstream) (*upstreamListener, error) {
 	return ul, nil
 }
 
-// listenUnix binds a unix socket, replacing a stale socket file left by a
-// previous run, and applies mode.
+// listenUnix binds a unix socket and applies mode; mode 0 leaves the socket
+// as the umask makes it (0777 &^ umask), as Envoy does. A socket file
+// already at path is removed only when stale: if something accepts on it,
+// another process owns the path and listenUnix fails.
 func listenUnix(path string, mode os.FileMode) (net.Listener, error) {
 	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
-		os.Remove(path)
+		d := net.Dialer{Timeout: time.Second}
+		c, err := d.Dial("unix", path)
+		switch {
+		case err == nil:
+			c.Close()
+			return nil, fmt.Errorf("unix socket %s: address in use by another process", path)
+		case errors.Is(err, syscall.ECONNREFUSED): // nobody listens: stale
+			if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return nil, fmt.Errorf("removing stale unix socket %s: %w", path, err)
+			}
+		default: // EAGAIN (full backlog: live), EACCES, ...: leave it alone
+			return nil, fmt.Errorf("unix socket %s exists and may be in use: %w", path, err)
+		}
 	}
 	ln, err := net.Listen("unix", path)
 	if err != nil {
