@@ -25,6 +25,11 @@
 // writes the text exposition format 0.0.4. It has no dependencies beyond
 // go-metrics and the standard library.
 //
+// Prometheus names follow Prometheus's conventions rather than go-metrics'
+// keys (counters end in _total, durations are summaries in seconds, every
+// series has HELP), and Metrics.Declare exposes a series at zero before
+// its first event; the push sinks keep the built-in proxy's names.
+//
 // Two go-metrics instances sit behind Metrics: the Prometheus one never
 // puts the hostname into names (Prometheus labels the instance itself),
 // the push one follows Consul's rules (hostname in gauge names unless

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -37,6 +38,7 @@ type Metrics struct {
 type state struct {
 	tel  Telemetry
 	prom *gometrics.Metrics // PromSink, no hostname in names
+	decl *gometrics.Metrics // declSink over PromSink, same config
 	push *gometrics.Metrics // statsd family with Consul's rules; nil if none
 	dog  *dogStatsd
 }
@@ -49,7 +51,6 @@ func New(opts Options) *Metrics {
 		m.log = hclog.NewNullLogger()
 	}
 	m.prom.GaugeTTL = opts.GaugeTTL
-	m.prom.Help = helpFor("")
 	st, _ := m.build(Telemetry{})
 	m.cur.Store(st)
 	return m
@@ -77,6 +78,9 @@ func (m *Metrics) build(t Telemetry) (*state, error) {
 	st := &state{tel: t}
 	var err error
 	if st.prom, err = gometrics.New(goConfig(t.MetricsPrefix, t), m.prom); err != nil {
+		return nil, err
+	}
+	if st.decl, err = gometrics.New(goConfig(t.MetricsPrefix, t), declSink{m.prom}); err != nil {
 		return nil, err
 	}
 	var sinks gometrics.FanoutSink
@@ -126,10 +130,13 @@ func (m *Metrics) Configure(t Telemetry) error {
 	if err != nil {
 		return err
 	}
+	changed := m.cur.Load().tel.MetricsPrefix != t.MetricsPrefix
+	if changed {
+		m.prom.SetPrefix(t.MetricsPrefix)
+	}
 	old := m.cur.Swap(st)
-	if old.tel.MetricsPrefix != t.MetricsPrefix {
+	if changed {
 		m.prom.Reset()
-		m.prom.Help = helpFor(t.MetricsPrefix)
 	}
 	if old.dog != nil {
 		old.dog.Close()
@@ -164,6 +171,26 @@ func (m *Metrics) AddSample(key []string, val float32, labels []Label) {
 	st.prom.AddSampleWithLabels(key, val, labels)
 	if st.push != nil {
 		st.push.AddSampleWithLabels(key, val, labels)
+	}
+}
+
+// Declare makes a counter or summary series exist in the Prometheus
+// exposition at zero, before anything is counted, so that alerts and
+// dashboards see it from the start. It sends nothing to the push sinks
+// (statsd has no notion of a declared series). The metrics prefix and
+// filters apply as to emissions. Gauges are not declared: they carry a
+// value, emit it with SetGauge. key must be one of this package's names.
+func (m *Metrics) Declare(key []string, labels []Label) {
+	d, ok := promDescs[strings.Join(key, ".")]
+	if !ok {
+		return
+	}
+	st := m.cur.Load()
+	switch d.kind {
+	case kindCounter:
+		st.decl.IncrCounterWithLabels(key, 0, labels)
+	case kindSummary:
+		st.decl.AddSampleWithLabels(key, 0, labels)
 	}
 }
 
