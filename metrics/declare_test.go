@@ -16,6 +16,7 @@ func TestDeclare(t *testing.T) {
 	t.Parallel()
 	statsd := listenUDP(t)
 	m := New(Options{})
+	t.Cleanup(m.Close)
 	if err := m.Configure(Telemetry{MetricsPrefix: "strait", StatsdAddr: statsd.LocalAddr().String(),
 		BlockedPrefixes: []string{"strait.watch"}}); err != nil {
 		t.Fatal(err)
@@ -61,6 +62,7 @@ func TestDeclare(t *testing.T) {
 func TestEveryNamePassesPromtool(t *testing.T) {
 	t.Parallel()
 	m := New(Options{})
+	t.Cleanup(m.Close)
 	if err := m.Configure(Telemetry{MetricsPrefix: "consul.proxy"}); err != nil {
 		t.Fatal(err)
 	}

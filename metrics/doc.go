@@ -4,7 +4,9 @@
 //   - an always-on Prometheus sink (PromSink), served as text by the admin
 //     listener's /metrics, and
 //   - the push sinks of Consul's telemetry block (statsd, statsite,
-//     dogstatsd), configured from Proxy.Config["telemetry"] or flags.
+//     dogstatsd), configured from Proxy.Config["telemetry"] or flags,
+//     each one goroutine that Metrics.Close stops and joins (push.go says
+//     why they are not go-metrics' own).
 //
 // # Why a Prometheus writer of our own
 //

@@ -1,7 +1,7 @@
 package metrics
 
 import (
-	"fmt"
+	"errors"
 	"io"
 	"os"
 	"strings"
@@ -31,8 +31,9 @@ type Metrics struct {
 	log  hclog.Logger
 	prom *PromSink
 
-	mu  sync.Mutex // Configure and EmitRuntimeStats
-	cur atomic.Pointer[state]
+	mu     sync.Mutex // Configure, EmitRuntimeStats and Close
+	cur    atomic.Pointer[state]
+	closed bool
 }
 
 type state struct {
@@ -40,7 +41,15 @@ type state struct {
 	prom *gometrics.Metrics // PromSink, no hostname in names
 	decl *gometrics.Metrics // declSink over PromSink, same config
 	push *gometrics.Metrics // statsd family with Consul's rules; nil if none
-	dog  *dogStatsd
+	// senders are the push sinks' goroutines, stopped when the state is
+	// replaced or Metrics closed.
+	senders []*sender
+}
+
+func (st *state) close() {
+	for _, s := range st.senders {
+		s.Close()
+	}
 }
 
 // New returns a Metrics feeding only its Prometheus sink, with no prefix,
@@ -85,29 +94,28 @@ func (m *Metrics) build(t Telemetry) (*state, error) {
 	}
 	var sinks gometrics.FanoutSink
 	hostname, _ := os.Hostname()
+	log := m.log
 	if t.StatsdAddr != "" {
-		s, err := gometrics.NewStatsdSink(t.StatsdAddr)
-		if err != nil {
-			return nil, fmt.Errorf("statsd sink: %w", err)
-		}
+		s := newStatsdSink(t.StatsdAddr, log.Named("statsd"))
+		st.senders = append(st.senders, s.sender)
 		sinks = append(sinks, s)
 	}
 	if t.StatsiteAddr != "" {
-		s, err := gometrics.NewStatsiteSink(t.StatsiteAddr)
-		if err != nil {
-			return nil, fmt.Errorf("statsite sink: %w", err)
-		}
+		s := newStatsiteSink(t.StatsiteAddr, log.Named("statsite"))
+		st.senders = append(st.senders, s.sender)
 		sinks = append(sinks, s)
 	}
 	if t.DogstatsdAddr != "" {
-		st.dog = newDogStatsd(t.DogstatsdAddr, hostname, t.DogstatsdTags, m.log.Named("dogstatsd"))
-		sinks = append(sinks, st.dog)
+		d := newDogStatsd(t.DogstatsdAddr, hostname, t.DogstatsdTags, log.Named("dogstatsd"))
+		st.senders = append(st.senders, d.sender)
+		sinks = append(sinks, d)
 	}
 	if len(sinks) > 0 {
 		c := goConfig(t.MetricsPrefix, t)
 		c.HostName = hostname
 		c.EnableHostname = t.DisableHostname == nil || !*t.DisableHostname
 		if st.push, err = gometrics.New(c, sinks); err != nil {
+			st.close()
 			return nil, err
 		}
 	}
@@ -117,15 +125,18 @@ func (m *Metrics) build(t Telemetry) (*state, error) {
 // Configure applies a telemetry block: prefix, filters and push sinks. It is
 // meant to be called once, with the first configuration (the built-in proxy
 // also applies telemetry only at start); a second call replaces the
-// configuration but cannot stop go-metrics' statsd and statsite senders of
-// the first. A changed prefix empties the Prometheus sink so that no series
-// is exposed under two names.
+// configuration and stops the previous push sinks. A changed prefix empties
+// the Prometheus sink so that no series is exposed under two names.
+// Configure fails after Close.
 func (m *Metrics) Configure(t Telemetry) error {
 	if err := t.Validate(); err != nil {
 		return err
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.closed {
+		return errors.New("metrics: Configure after Close")
+	}
 	st, err := m.build(t)
 	if err != nil {
 		return err
@@ -138,10 +149,19 @@ func (m *Metrics) Configure(t Telemetry) error {
 	if changed {
 		m.prom.Reset()
 	}
-	if old.dog != nil {
-		old.dog.Close()
-	}
+	old.close()
 	return nil
+}
+
+// Close stops the push sinks after they have sent what they hold, and
+// returns once their goroutines have exited. The Prometheus sink keeps
+// working; later emissions to the push sinks are dropped. Call it after
+// everything that emits has stopped (the proxy's Shutdown).
+func (m *Metrics) Close() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.closed = true
+	m.cur.Load().close()
 }
 
 // Telemetry returns the configuration in effect.

@@ -80,6 +80,7 @@ func TestConfigurePrefixAndSinks(t *testing.T) {
 	statsd := listenUDP(t)
 	dog := listenUDP(t)
 	m := New(Options{})
+	t.Cleanup(m.Close)
 	m.IncrCounter([]string{"watch", "errors"}, 1, nil) // before Configure: dropped with the old prefix
 	if err := m.Configure(Telemetry{
 		MetricsPrefix: "strait", StatsdAddr: statsd.LocalAddr().String(), DogstatsdAddr: dog.LocalAddr().String(),
@@ -108,6 +109,7 @@ func TestConfigurePrefixAndSinks(t *testing.T) {
 func TestConfigureDisableHostnameAndFilters(t *testing.T) {
 	statsd := listenUDP(t)
 	m := New(Options{})
+	t.Cleanup(m.Close)
 	no := false
 	yes := true
 	if err := m.Configure(Telemetry{StatsdAddr: statsd.LocalAddr().String(), DisableHostname: &yes, FilterDefault: &no, AllowedPrefixes: []string{"inbound"}}); err != nil {
