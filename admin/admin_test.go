@@ -41,6 +41,12 @@ type env struct {
 // configuration is only delivered by deliver.
 func start(t *testing.T, settings Settings) *env {
 	t.Helper()
+	return startWith(t, settings, func(o *proxy.Options) { o.FlushInterval = 20 * time.Millisecond })
+}
+
+// startWith is start with the proxy's options adjusted by opt.
+func startWith(t *testing.T, settings Settings, opt func(*proxy.Options)) *env {
+	t.Helper()
 	e := &env{agent: testagent.Start(t), m: metrics.Discard(), cfgs: make(chan *config.Config, 1), done: make(chan error, 1)}
 	e.agent.SetIntentions(testagent.Intention("web", "web", api.IntentionActionAllow))
 	e.sock = filepath.Join(t.TempDir(), "web.sock")
@@ -48,7 +54,9 @@ func start(t *testing.T, settings Settings) *env {
 		Public:    &config.Public{BindAddress: "127.0.0.1", LocalServiceAddress: echoApp(t)},
 		Upstreams: []config.Upstream{{DestinationName: "web", LocalBindSocketPath: e.sock}},
 	}
-	e.p = proxy.New(proxy.Options{Client: e.agent.Client(), AgentConfig: e.agent.Config(), Metrics: e.m, DrainTimeout: time.Second, FlushInterval: 20 * time.Millisecond})
+	o := proxy.Options{Client: e.agent.Client(), AgentConfig: e.agent.Config(), Metrics: e.m, DrainTimeout: time.Second}
+	opt(&o)
+	e.p = proxy.New(o)
 	var err error
 	e.srv, err = Listen("127.0.0.1:0", Options{Proxy: e.p, Metrics: e.m, Settings: settings, Pprof: true})
 	if err != nil {
@@ -183,7 +191,8 @@ func TestReadyTransitions(t *testing.T) {
 
 // TestMetricsBuiltinNames: after one connection through the upstream
 // listener (which leads to our own public listener), /metrics serves the
-// built-in proxy's six names with its labels.
+// built-in proxy's six names with its labels (counters with _total, as
+// Prometheus wants them), and the exposition passes promtool.
 func TestMetricsBuiltinNames(t *testing.T) {
 	t.Parallel()
 	e := start(t, Settings{})
@@ -210,12 +219,13 @@ func TestMetricsBuiltinNames(t *testing.T) {
 	wantLines := []string{
 		`# TYPE inbound_conns gauge`,
 		`inbound_conns{dst="web"} 0`,
-		`inbound_rx_bytes{dst="web"} 5`,
-		`inbound_tx_bytes{dst="web"} 5`,
-		`# TYPE upstream_rx_bytes counter`,
+		`inbound_rx_bytes_total{dst="web"} 5`,
+		`inbound_tx_bytes_total{dst="web"} 5`,
+		`# TYPE upstream_rx_bytes_total counter`,
 		`upstream_conns{src="web",dst_type="service",dst="web"} 0`,
-		`upstream_rx_bytes{src="web",dst_type="service",dst="web"} 5`,
-		`upstream_tx_bytes{src="web",dst_type="service",dst="web"} 5`,
+		`upstream_rx_bytes_total{src="web",dst_type="service",dst="web"} 5`,
+		`upstream_tx_bytes_total{src="web",dst_type="service",dst="web"} 5`,
+		`upstream_conn_duration_seconds_count{src="web",dst_type="service",dst="web"} 1`,
 		`upstream_healthy_endpoints{src="web",dst_type="service",dst="web"} 1`,
 	}
 	testutil.EventuallyNil(t, func() error {
@@ -230,6 +240,8 @@ func TestMetricsBuiltinNames(t *testing.T) {
 		}
 		return nil
 	})
+	_, body := get(t, e.base+"/metrics")
+	promtoolCheck(t, body)
 	resp, err := http.Get(e.base + "/metrics")
 	if err != nil {
 		t.Fatal(err)

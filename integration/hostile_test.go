@@ -103,7 +103,7 @@ func TestHostileInputNeverReachesApp(t *testing.T) {
 	}
 	// Handshake failures by reason, from the admin endpoint's /metrics.
 	failures := func() (map[string]float64, error) {
-		series, err := promSeries(server, "inbound_handshake_failed")
+		series, err := promSeries(server, "inbound_handshake_failed_total")
 		if err != nil {
 			return nil, err
 		}
@@ -248,20 +248,20 @@ probing:
 				}
 			}
 			if sum < float64(total) {
-				return fmt.Errorf("inbound_handshake_failed for %s grew by %v (%v), want %d", dst, sum, delta, total)
+				return fmt.Errorf("inbound_handshake_failed_total for %s grew by %v (%v), want %d", dst, sum, delta, total)
 			}
 			return nil
 		})
-		t.Logf("inbound_handshake_failed{dst=%q} grew by %v: %v", dst, sum, delta)
+		t.Logf("inbound_handshake_failed_total{dst=%q} grew by %v: %v", dst, sum, delta)
 		switch {
 		case err != nil:
 			t.Errorf("/metrics: %v", err)
 		case sum != float64(total):
-			t.Errorf("inbound_handshake_failed for %s grew by %v (%v), but %d hostile connections were made", dst, sum, delta, total)
+			t.Errorf("inbound_handshake_failed_total for %s grew by %v (%v), but %d hostile connections were made", dst, sum, delta, total)
 		case delta["timeout"] < 1000:
-			t.Errorf("inbound_handshake_failed{reason=\"timeout\"} grew by %v, want at least the 1000 held connections (%v)", delta["timeout"], delta)
+			t.Errorf("inbound_handshake_failed_total{reason=\"timeout\"} grew by %v, want at least the 1000 held connections (%v)", delta["timeout"], delta)
 		case sum-delta["timeout"] < 70:
-			t.Errorf("inbound_handshake_failed grew by %v for reasons other than timeout, want at least the 70 plaintext HTTP and oversized ones (%v)", sum-delta["timeout"], delta)
+			t.Errorf("inbound_handshake_failed_total grew by %v for reasons other than timeout, want at least the 70 plaintext HTTP and oversized ones (%v)", sum-delta["timeout"], delta)
 		}
 	} else {
 		t.Log("strait has no -admin-bind: handshake failure counters are not checked")

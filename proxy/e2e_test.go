@@ -280,14 +280,14 @@ func TestAccessLogProxiedAndDenied(t *testing.T) {
 	var prom bytes.Buffer
 	h.m.WritePrometheus(&prom)
 	for _, s := range []string{
-		`inbound_rx_bytes{dst="web"} 5`,
-		`inbound_tx_bytes{dst="web"} 5`,
-		`upstream_rx_bytes{src="web",dst_type="service",dst="web"} 5`,
-		`upstream_tx_bytes{src="web",dst_type="service",dst="web"} 5`,
+		`inbound_rx_bytes_total{dst="web"} 5`,
+		`inbound_tx_bytes_total{dst="web"} 5`,
+		`upstream_rx_bytes_total{src="web",dst_type="service",dst="web"} 5`,
+		`upstream_tx_bytes_total{src="web",dst_type="service",dst="web"} 5`,
 		`inbound_conns{dst="web"} 0`,
 		`upstream_conns{src="web",dst_type="service",dst="web"} 0`,
-		`inbound_denied{src="evil",dst="web"} 1`,
-		`inbound_conn_duration_count{dst="web"} 1`,
+		`inbound_denied_total{src="evil",dst="web"} 1`,
+		`inbound_conn_duration_seconds_count{dst="web"} 1`,
 	} {
 		if !strings.Contains(prom.String(), s+"\n") {
 			t.Errorf("metrics lack %q:\n%s", s, prom.String())
@@ -326,8 +326,8 @@ func TestAccessLogFailures(t *testing.T) {
 	var prom bytes.Buffer
 	h.m.WritePrometheus(&prom)
 	for _, s := range []string{
-		`inbound_handshake_failed{dst="web",reason="timeout"} 1`,
-		`upstream_dial_failed{src="web",dst_type="service",dst="nowhere"} 1`,
+		`inbound_handshake_failed_total{dst="web",reason="timeout"} 1`,
+		`upstream_dial_failed_total{src="web",dst_type="service",dst="nowhere"} 1`,
 	} {
 		if !strings.Contains(prom.String(), s+"\n") {
 			t.Errorf("metrics lack %q:\n%s", s, prom.String())

@@ -91,6 +91,9 @@ type Proxy struct {
 	ctx    context.Context // lives until Shutdown finishes
 	cancel context.CancelFunc
 	bg     sync.WaitGroup // watches and background drains
+	// flushMu serializes the periodic flush with the one Run does right
+	// after applying a configuration.
+	flushMu sync.Mutex
 
 	src     *tlsutil.Source
 	az      *authz.Authorizer
@@ -204,6 +207,9 @@ func (p *Proxy) Run(ctx context.Context, cfgs <-chan *config.Config) error {
 		p.fail(err)
 		return err
 	}
+	// The gauges of the new listeners (and the leaf's) now, not at the
+	// next tick: a ready proxy exposes them.
+	p.flush()
 	p.ready.Store(true)
 	p.setPhase(phaseReady)
 	p.log.Info("proxy ready", "service", first.Service, "public", p.publicAddr(), "upstreams", len(first.Upstreams))
@@ -223,6 +229,7 @@ func (p *Proxy) Run(ctx context.Context, cfgs <-chan *config.Config) error {
 			if err := p.apply(c); err != nil {
 				p.log.Error("applying new configuration failed; keeping the rest running", "error", err)
 			}
+			p.flush()
 			p.cfg.Store(c)
 		}
 	}

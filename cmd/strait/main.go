@@ -329,6 +329,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	accessMode, _ := proxy.ParseAccessLog(o.accessLog)
 	curves, _ := tlsutil.KeyExchange(o.tlsKex)
 	m := metrics.New(metrics.Options{Logger: log.Named("metrics")})
+	// Deferred early, so it runs after the proxy's shutdown: the push
+	// sinks send what they hold and their goroutines are joined.
+	defer m.Close()
 	p := proxy.New(proxy.Options{
 		KTLS: o.ktls, CurvePreferences: curves, Client: client, AgentConfig: agent.Config, Logger: log,
 		HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace, Tunnels: o.tunnels == "on",
