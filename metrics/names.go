@@ -38,6 +38,10 @@ var (
 	// (max_tunnels, max_streams, stream_rate, bad_header; framing: a
 	// tunnel closed because the peer broke the yamux framing).
 	InboundTunnelRefused = []string{"inbound", "tunnel_refused"}
+	// InboundConnsRefused counts inbound connections (and tunnel streams)
+	// closed at once by a limit {dst, reason}: max_inbound_connections or
+	// max_handshakes.
+	InboundConnsRefused = []string{"inbound", "conns_refused"}
 	// InboundDuration samples the duration of proxied inbound connections
 	// in milliseconds {dst}.
 	InboundDuration = []string{"inbound", "conn_duration"}
@@ -74,6 +78,7 @@ var help = map[string]string{
 	"inbound.denied":             "Inbound connections refused by intentions, by source service.",
 	"inbound.handshake_failed":   "Inbound TLS handshakes that failed, by reason.",
 	"inbound.app_dial_failed":    "Authorized inbound connections whose application could not be dialed.",
+	"inbound.conns_refused":      "Inbound connections and tunnel streams refused by a limit, by reason.",
 	"inbound.conn_duration":      "Duration of proxied inbound connections in milliseconds.",
 	"upstream.dial_failed":       "Upstream connections for which no endpoint could be dialed.",
 	"upstream.dial_retries":      "Upstream dial attempts beyond the first of a connection.",

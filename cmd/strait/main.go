@@ -71,6 +71,7 @@ type options struct {
 	tlsKex                    string
 	tunnels                   string
 	ktls                      string
+	maxInbound, maxHandshakes int
 	api                       config.API
 	flagsModeSet, registerSet bool
 
@@ -107,6 +108,8 @@ func parseFlags(args []string) (*options, error) {
 	fs.StringVar(&o.tunnels, "tunnels", "on", "Multiplex connections to other strait proxies as streams in pooled mTLS tunnels (ALPN strait-mux/1): on or off. Other peers always get one TLS connection per connection.")
 	fs.StringVar(&o.tlsKex, "tls-kex", "hybrid", "TLS key exchange: hybrid (post-quantum X25519MLKEM768 first, Go's default) or x25519 (cheaper handshakes).")
 	fs.StringVar(&o.ktls, "ktls", "auto", "Kernel TLS offload: auto (probe and report at start) or off.")
+	fs.IntVar(&o.maxInbound, "max-inbound-connections", 0, "Limit of concurrent inbound connections (tunnel streams included) plus handshakes in progress; overrides the registration's max_inbound_connections (service-defaults MaxInboundConnections). 0: take the registration's, else no limit.")
+	fs.IntVar(&o.maxHandshakes, "max-handshakes", proxy.DefaultMaxHandshakes, "Limit of inbound TLS handshakes in progress on the public listener; beyond it new connections are closed at once.")
 	fs.StringVar(&o.api.Addr, "http-addr", "", "Consul agent HTTP address. Env CONSUL_HTTP_ADDR (default 127.0.0.1:8500).")
 	fs.StringVar(&o.api.Token, "token", "", "ACL token. Env CONSUL_HTTP_TOKEN.")
 	fs.StringVar(&o.api.TokenFile, "token-file", "", "File holding the ACL token, re-read on SIGHUP. Env CONSUL_HTTP_TOKEN_FILE.")
@@ -158,6 +161,12 @@ func (o *options) validate() error {
 	}
 	if o.ktls != "auto" && o.ktls != "off" {
 		return usagef("-ktls %q: want auto or off", o.ktls)
+	}
+	if o.maxInbound < 0 {
+		return usagef("-max-inbound-connections %d: want 0 (no limit of its own) or more", o.maxInbound)
+	}
+	if o.maxHandshakes < 1 {
+		return usagef("-max-handshakes %d: want 1 or more", o.maxHandshakes)
 	}
 	if hclog.LevelFromString(o.logLevel) == hclog.NoLevel {
 		return usagef("-log-level %q: want trace, debug, info, warn or error", o.logLevel)
@@ -318,6 +327,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		KTLS: o.ktls, CurvePreferences: curves, Client: client, AgentConfig: agent.Config, Logger: log,
 		HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace, Tunnels: o.tunnels == "on",
 		Metrics: m, Telemetry: o.telemetry(), AccessLog: accessMode, AccessLogger: access,
+		MaxInboundConnections: o.maxInbound, MaxHandshakes: o.maxHandshakes,
 	})
 	// The admin listener binds before anything else starts, so that /ready
 	// answers 503 with the reason while strait waits for the agent.
