@@ -265,6 +265,7 @@ func (o *options) settings(httpAddr string) admin.Settings {
 		API: o.api, HTTPAddr: httpAddr, LogLevel: o.logLevel, LogJSON: o.logJSON, AccessLog: o.accessLog,
 		AdminBind: o.adminBind, AdminPprof: o.adminPprof, PprofAddr: o.pprofAddr,
 		ShutdownGrace: o.shutdownGrace, HalfCloseTimeout: o.halfCloseTimeout, TLSKex: o.tlsKex, KTLS: o.ktls,
+		MaxInboundConnections: o.maxInbound, MaxHandshakes: o.maxHandshakes,
 	}
 }
 
