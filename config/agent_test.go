@@ -235,6 +235,11 @@ func TestFromAgentServicePublic(t *testing.T) {
 			want:  Public{BindAddress: "10.0.0.7", BindPort: 21000, LocalServiceAddress: "127.0.0.1:8080", HandshakeTimeout: 2500 * time.Millisecond, LocalConnectTimeout: 750 * time.Millisecond},
 		},
 		{
+			name:  "max_inbound_connections, as service-defaults MaxInboundConnections merges it",
+			edits: []func(map[string]any){proxyConfig(`{"max_inbound_connections": 50}`)},
+			want:  Public{BindAddress: "10.0.0.7", BindPort: 21000, LocalServiceAddress: "127.0.0.1:8080", MaxInboundConnections: 50},
+		},
+		{
 			name:  "timeouts null",
 			edits: []func(map[string]any){proxyConfig(`{"handshake_timeout_ms": null, "bind_address": null}`)},
 			want:  Public{BindAddress: "10.0.0.7", BindPort: 21000, LocalServiceAddress: "127.0.0.1:8080"},
@@ -385,6 +390,7 @@ func TestFromAgentServiceErrors(t *testing.T) {
 		{"fractional local connect timeout", []func(map[string]any){proxyConfig(`{"local_connect_timeout_ms": 0.5}`)}, "local_connect_timeout_ms"},
 		{"huge timeout", []func(map[string]any){proxyConfig(`{"local_connect_timeout_ms": 1e300}`)}, "local_connect_timeout_ms"},
 		{"NaN string", []func(map[string]any){proxyConfig(`{"local_connect_timeout_ms": "NaN"}`)}, "local_connect_timeout_ms"},
+		{"negative max_inbound_connections", []func(map[string]any){proxyConfig(`{"max_inbound_connections": -1}`)}, "max_inbound_connections"},
 		{"bind_port out of range", []func(map[string]any){proxyConfig(`{"bind_port": 70000}`)}, "bind port"},
 		{"bind_port negative", []func(map[string]any){proxyConfig(`{"bind_port": -1}`)}, "bind_port"},
 		{"bind_address not a string", []func(map[string]any){proxyConfig(`{"bind_address": 10}`)}, "bind_address"},

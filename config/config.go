@@ -69,6 +69,11 @@ type Public struct {
 	// LocalConnectTimeout bounds dialing the application; zero means
 	// DefaultLocalConnectTimeout.
 	LocalConnectTimeout time.Duration
+	// MaxInboundConnections bounds concurrent inbound connections (tunnel
+	// streams included) plus handshakes in progress; zero means no limit.
+	// It is Proxy.Config's max_inbound_connections, which service-defaults
+	// MaxInboundConnections sets.
+	MaxInboundConnections int
 }
 
 // Addr is the listen address, host:port.

@@ -69,7 +69,11 @@ func TestHostileInputNeverReachesApp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	server := startStrait(t, a, "-proxy-id", id)
+	// The 1,120 connections exceed the default bound of handshakes in
+	// progress (1,024): raise it, so that every one is answered by the
+	// handshake itself (timeout, TLS error); TestMaxHandshakes* and
+	// TestMaxInboundConnections* cover the bound.
+	server := startStrait(t, a, "-proxy-id", id, "-max-handshakes", "2048")
 	startStrait(t, a, "-service", src, "-upstream", dst+":"+portOf(up))
 	eventually(t, 30*time.Second, func() error { return echoVia("tcp", up, 1024, key) })
 

@@ -38,6 +38,10 @@ var (
 	// (max_tunnels, max_streams, stream_rate, bad_header; framing: a
 	// tunnel closed because the peer broke the yamux framing).
 	InboundTunnelRefused = []string{"inbound", "tunnel_refused"}
+	// InboundConnsRefused counts inbound connections (and tunnel streams)
+	// closed at once by a limit {dst, reason}: max_inbound_connections or
+	// max_handshakes.
+	InboundConnsRefused = []string{"inbound", "conns_refused"}
 	// InboundDuration samples the duration of proxied inbound connections
 	// in milliseconds {dst}.
 	InboundDuration = []string{"inbound", "conn_duration"}
@@ -74,6 +78,7 @@ var (
 		"not_a_service", "not_ready", "leaf_expired", "authz_error", "peer_closed", "shutdown", "tls_error"}
 	AppDialFailedReasons = []string{"app_refused", "app_unreachable"}
 	TunnelRefusedReasons = []string{"max_tunnels", "max_streams", "stream_rate", "bad_header", "framing"}
+	ConnsRefusedReasons  = []string{"max_inbound_connections", "max_handshakes"}
 )
 
 // promDesc is how a go-metrics key is exposed to Prometheus: under its own
@@ -100,6 +105,7 @@ var promDescs = map[string]promDesc{
 	"inbound.handshake_failed":   {"inbound_handshake_failed_total", kindCounter, 1, "Inbound TLS handshakes that failed for a reason other than intentions, by reason."},
 	"inbound.app_dial_failed":    {"inbound_app_dial_failed_total", kindCounter, 1, "Authorized inbound connections whose application could not be dialed, by reason."},
 	"inbound.tunnel_refused":     {"inbound_tunnel_refused_total", kindCounter, 1, "Inbound tunnels and tunnel streams refused, by reason."},
+	"inbound.conns_refused":      {"inbound_conns_refused_total", kindCounter, 1, "Inbound connections and tunnel streams closed at once by a limit, by reason."},
 	"inbound.conn_duration":      {"inbound_conn_duration_seconds", kindSummary, 1e-3, "Duration of proxied inbound connections in seconds."},
 	"upstream.dial_failed":       {"upstream_dial_failed_total", kindCounter, 1, "Upstream connections for which no endpoint could be dialed."},
 	"upstream.dial_retries":      {"upstream_dial_retries_total", kindCounter, 1, "Upstream dial attempts beyond the first of a connection."},

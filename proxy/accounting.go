@@ -147,6 +147,7 @@ func (p *Proxy) declare(l *lstats) {
 		withReason(metrics.InboundAppDialFailed, metrics.AppDialFailedReasons)
 		if p.pool != nil {
 			withReason(metrics.InboundTunnelRefused, metrics.TunnelRefusedReasons)
+			withReason(metrics.InboundConnsRefused, metrics.ConnsRefusedReasons)
 		}
 	} else {
 		m.Declare(metrics.UpstreamDialFailed, l.labels)

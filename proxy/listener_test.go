@@ -27,7 +27,7 @@ func TestServerShutdownDrains(t *testing.T) {
 		defer c.Close()
 		io.Copy(c, c)
 	}
-	s := newServer("test", ln, hclog.NewNullLogger(), echo)
+	s := newServer("test", ln, hclog.NewNullLogger(), nil, echo)
 	c, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
@@ -85,7 +85,7 @@ func TestServerShutdownForces(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := newServer("test", ln, hclog.NewNullLogger(), func(_ context.Context, c net.Conn, release func()) {
+	s := newServer("test", ln, hclog.NewNullLogger(), nil, func(_ context.Context, c net.Conn, release func()) {
 		defer release()
 		defer c.Close()
 		io.Copy(io.Discard, c)

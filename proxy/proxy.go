@@ -76,6 +76,13 @@ type Options struct {
 	TunnelMaxStreams, TunnelMaxPerPeer int
 	TunnelStreamRate                   float64
 	TunnelStreamBurst                  int
+	// MaxInboundConnections, when positive, overrides the configuration's
+	// Public.MaxInboundConnections (the registration's
+	// max_inbound_connections); see admission.
+	MaxInboundConnections int
+	// MaxHandshakes bounds inbound TLS handshakes in progress; zero means
+	// DefaultMaxHandshakes.
+	MaxHandshakes int
 }
 
 // Proxy runs the public listener and the upstream listeners of one Config
@@ -122,6 +129,10 @@ type Proxy struct {
 	// inTunnelsByPeer caps inbound tunnels per peer identity.
 	inTunnelsByPeer peerCounts
 	inStreams       atomic.Int64 // inbound streams active
+
+	admit         *admission // the public listener's limits
+	regMaxInbound int        // the registration's max_inbound_connections, under mu
+	refusalCounters
 }
 
 type publicListener struct {
@@ -163,7 +174,7 @@ func New(opts Options) *Proxy {
 		pool = &tunnel.Pool{MaxStreams: opts.TunnelMaxStreams, MaxTunnels: opts.TunnelMaxPerPeer}
 	}
 	return &Proxy{
-		pool: pool,
+		pool: pool, admit: newAdmission(opts.MaxHandshakes),
 		opts: opts, log: opts.Logger, access: opts.AccessLogger, metrics: m, watches: w, ctx: ctx, cancel: cancel,
 		upstreams: make(map[string]*upstreamListener),
 		listeners: make(map[*lstats]struct{}),
@@ -368,6 +379,9 @@ func (p *Proxy) apply(c *config.Config) error {
 		return nil
 	}
 	var errs []error
+	if c.Public != nil {
+		p.setMaxInbound(c.Public)
+	}
 
 	switch {
 	case c.Public == nil && p.public != nil:
@@ -419,6 +433,25 @@ func (p *Proxy) apply(c *config.Config) error {
 	return p.applyErr
 }
 
+// setMaxInbound applies the connection limit of pub, or the flag's, which
+// wins. Called under p.mu.
+func (p *Proxy) setMaxInbound(pub *config.Public) {
+	n, from := pub.MaxInboundConnections, "registration"
+	if p.opts.MaxInboundConnections > 0 {
+		n, from = p.opts.MaxInboundConnections, "flag"
+		if reg := pub.MaxInboundConnections; reg > 0 && reg != p.regMaxInbound {
+			p.log.Warn("-max-inbound-connections overrides the registration's max_inbound_connections", "flag", n, "registration", reg)
+		}
+	}
+	p.regMaxInbound = pub.MaxInboundConnections
+	if p.admit.setMaxConns(n) {
+		if n == 0 {
+			from = "none"
+		}
+		p.log.Info("inbound connection limit", "max_inbound_connections", n, "from", from, "max_handshakes", p.admit.maxHandshakes)
+	}
+}
+
 func (p *Proxy) drainLater(l *lstats) {
 	d := p.opts.DrainTimeout
 	if d <= 0 {
@@ -461,7 +494,7 @@ func (p *Proxy) listenPublic(c *config.Public) (*publicListener, error) {
 	pl.cfg.Store(&pub)
 	tlsCfg := p.src.ServerConfig(p.authorize)
 	ready := make(chan struct{})
-	pl.srv = newServer("public", ln, p.log, func(ctx context.Context, conn net.Conn, release func()) {
+	pl.srv = newServer("public", ln, p.log, p.admitHandshake, func(ctx context.Context, conn net.Conn, release func()) {
 		<-ready
 		p.handleInbound(ctx, conn, pl, tlsCfg, release)
 	})
@@ -496,7 +529,7 @@ func (p *Proxy) listenUpstream(u config.Upstream) (*upstreamListener, error) {
 	p.bg.Go(func() { up.Run(ctx) })
 	ul := &upstreamListener{cfg: u, up: up, cancel: cancel}
 	ready := make(chan struct{})
-	ul.srv = newServer("upstream "+u.DestinationName, ln, p.log, func(ctx context.Context, conn net.Conn, release func()) {
+	ul.srv = newServer("upstream "+u.DestinationName, ln, p.log, nil, func(ctx context.Context, conn net.Conn, release func()) {
 		<-ready
 		p.handleUpstream(ctx, conn, ul, release)
 	})
@@ -574,6 +607,13 @@ func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *publicList
 	rec := &accessRecord{dir: "inbound", dest: p.service, endpoint: cfg.LocalServiceAddress,
 		remote: addrString(conn.RemoteAddr()), start: time.Now()}
 	dst := metrics.Label{Name: "dst", Value: p.service}
+	// The accept loop took a handshake slot (admission) for conn.
+	handshaking := true
+	defer func() {
+		if handshaking {
+			p.admit.releaseHandshake()
+		}
+	}()
 	hctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeoutOrDefault())
 	tc := tls.Server(conn, tlsCfg)
 	err := tc.HandshakeContext(hctx)
@@ -599,9 +639,15 @@ func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *publicList
 	}
 	rec.source = peerID(tc)
 	if tc.ConnectionState().NegotiatedProtocol == tlsutil.ALPNMux {
+		// A tunnel holds no slot: each of its streams takes one.
+		handshaking = false
+		p.admit.releaseHandshake()
 		p.serveTunnel(ctx, conn, tc, pl)
 		return
 	}
+	handshaking = false
+	p.admit.promote()
+	release = p.releasingConn(release)
 	// The peer is authenticated and authorized; only now is the app dialed.
 	network, addr := "tcp", cfg.LocalServiceAddress
 	if strings.HasPrefix(addr, "unix:") {

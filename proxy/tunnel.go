@@ -102,6 +102,9 @@ func (p *Proxy) serveTunnel(ctx context.Context, raw net.Conn, tc *tls.Conn, pl 
 // handleStream is handleInbound for one stream of a tunnel: only our own
 // service, authorized now with the tunnel's verified peer, then the app.
 func (p *Proxy) handleStream(ctx context.Context, raw net.Conn, tc *tls.Conn, c *tunnel.Conn, svc string, pl *publicListener, release func()) {
+	if release = p.admitStream(c, release); release == nil {
+		return
+	}
 	handedOff := false
 	defer func() {
 		if !handedOff {

@@ -20,7 +20,7 @@ var help = usage.Help{
 		{Title: "Agent API", Flags: []string{"http-addr", "token", "token-file", "ca-file", "ca-path", "client-cert", "client-key", "tls-server-name", "datacenter"}},
 		{Title: "Observability", Flags: []string{"log-level", "log-json", "access-log", "admin-bind", "admin-pprof", "pprof-addr",
 			"statsd-addr", "statsite-addr", "dogstatsd-addr", "dogstatsd-tags", "metrics-prefix", "disable-hostname"}},
-		{Title: "Tuning", Flags: []string{"shutdown-grace", "half-close-timeout", "tunnels", "tls-kex", "ktls"}},
+		{Title: "Tuning", Flags: []string{"shutdown-grace", "half-close-timeout", "tunnels", "tls-kex", "ktls", "max-inbound-connections", "max-handshakes"}},
 	},
 	Env: map[string]string{
 		"proxy-id":        "CONNECT_PROXY_ID",

@@ -76,6 +76,7 @@ type options struct {
 	tlsKex                    string
 	tunnels                   string
 	ktls                      string
+	maxInbound, maxHandshakes int
 	api                       config.API
 	flagsModeSet, registerSet bool
 
@@ -113,6 +114,8 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.StringVar(&o.tunnels, "tunnels", "on", "Multiplex connections to other strait proxies as streams in pooled mTLS tunnels (ALPN strait-mux/1), `on|off`. Other peers always get one TLS connection per connection.")
 	fs.StringVar(&o.tlsKex, "tls-kex", "hybrid", "TLS key exchange, `hybrid|x25519`: hybrid puts post-quantum X25519MLKEM768 first (Go's default), x25519 makes handshakes cheaper.")
 	fs.StringVar(&o.ktls, "ktls", "auto", "Kernel TLS offload, `auto|off`: auto probes and reports it at start.")
+	fs.IntVar(&o.maxInbound, "max-inbound-connections", 0, "`Limit` of concurrent inbound connections (tunnel streams included) plus handshakes in progress; overrides the registration's max_inbound_connections (service-defaults MaxInboundConnections). 0: take the registration's, else no limit.")
+	fs.IntVar(&o.maxHandshakes, "max-handshakes", proxy.DefaultMaxHandshakes, "`Limit` of inbound TLS handshakes in progress on the public listener; beyond it new connections are closed at once.")
 	fs.StringVar(&o.api.Addr, "http-addr", "", "Consul agent HTTP API `address` (https:// for TLS); 127.0.0.1:8500 when neither flag nor env is set.")
 	fs.StringVar(&o.api.Token, "token", "", "ACL `token`; needs service:write on the proxied service.")
 	fs.StringVar(&o.api.TokenFile, "token-file", "", "`File` holding the ACL token, re-read on SIGHUP; wins over -token.")
@@ -170,6 +173,12 @@ func (o *options) validate() error {
 	}
 	if o.ktls != "auto" && o.ktls != "off" {
 		return usagef("-ktls %q: want auto or off", o.ktls)
+	}
+	if o.maxInbound < 0 {
+		return usagef("-max-inbound-connections %d: want 0 (no limit of its own) or more", o.maxInbound)
+	}
+	if o.maxHandshakes < 1 {
+		return usagef("-max-handshakes %d: want 1 or more", o.maxHandshakes)
 	}
 	if hclog.LevelFromString(o.logLevel) == hclog.NoLevel {
 		return usagef("-log-level %q: want trace, debug, info, warn or error", o.logLevel)
@@ -268,6 +277,7 @@ func (o *options) settings(httpAddr string) admin.Settings {
 		API: o.api, HTTPAddr: httpAddr, LogLevel: o.logLevel, LogJSON: o.logJSON, AccessLog: o.accessLog,
 		AdminBind: o.adminBind, AdminPprof: o.adminPprof, PprofAddr: o.pprofAddr,
 		ShutdownGrace: o.shutdownGrace, HalfCloseTimeout: o.halfCloseTimeout, TLSKex: o.tlsKex, KTLS: o.ktls,
+		MaxInboundConnections: o.maxInbound, MaxHandshakes: o.maxHandshakes,
 	}
 }
 
@@ -336,6 +346,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		KTLS: o.ktls, CurvePreferences: curves, Client: client, AgentConfig: agent.Config, Logger: log,
 		HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace, Tunnels: o.tunnels == "on",
 		Metrics: m, Telemetry: o.telemetry(), AccessLog: accessMode, AccessLogger: access,
+		MaxInboundConnections: o.maxInbound, MaxHandshakes: o.maxHandshakes,
 	})
 	// The admin listener binds before anything else starts, so that /ready
 	// answers 503 with the reason while strait waits for the agent.

@@ -32,6 +32,8 @@ func TestInvalidInput(t *testing.T) {
 		{"bad log level", []string{"-service", "web", "-log-level", "loud"}, "-log-level"},
 		{"stray argument", []string{"-service", "web", "extra"}, "unexpected argument"},
 		{"bad listen port", []string{"-service", "web", "-service-addr", "127.0.0.1:80", "-listen", "127.0.0.1:99999"}, "-listen"},
+		{"negative max-inbound-connections", []string{"-service", "web", "-max-inbound-connections", "-1"}, "-max-inbound-connections"},
+		{"zero max-handshakes", []string{"-service", "web", "-max-handshakes", "0"}, "-max-handshakes"},
 		{"bad ktls", []string{"-service", "web", "-ktls", "on"}, "-ktls"},
 		{"bad tls-kex", []string{"-service", "web", "-tls-kex", "rsa"}, "-tls-kex"},
 		{"duplicate bind", []string{"-service", "web", "-upstream", "a:9000", "-upstream", "b:9000"}, "two upstreams bind"},
