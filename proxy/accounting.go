@@ -145,9 +145,9 @@ func (p *Proxy) declare(l *lstats) {
 		}
 		withReason(metrics.InboundHandshakeFailed, metrics.HandshakeFailedReasons)
 		withReason(metrics.InboundAppDialFailed, metrics.AppDialFailedReasons)
+		withReason(metrics.InboundConnsRefused, metrics.ConnsRefusedReasons)
 		if p.pool != nil {
 			withReason(metrics.InboundTunnelRefused, metrics.TunnelRefusedReasons)
-			withReason(metrics.InboundConnsRefused, metrics.ConnsRefusedReasons)
 		}
 	} else {
 		m.Declare(metrics.UpstreamDialFailed, l.labels)
