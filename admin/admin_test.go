@@ -18,6 +18,7 @@ import (
 	"github.com/straitproxy/strait/authz"
 	"github.com/straitproxy/strait/config"
 	"github.com/straitproxy/strait/internal/testagent"
+	"github.com/straitproxy/strait/internal/testutil"
 	"github.com/straitproxy/strait/metrics"
 	"github.com/straitproxy/strait/proxy"
 )
@@ -40,6 +41,12 @@ type env struct {
 // configuration is only delivered by deliver.
 func start(t *testing.T, settings Settings) *env {
 	t.Helper()
+	return startWith(t, settings, func(o *proxy.Options) { o.FlushInterval = 20 * time.Millisecond })
+}
+
+// startWith is start with the proxy's options adjusted by opt.
+func startWith(t *testing.T, settings Settings, opt func(*proxy.Options)) *env {
+	t.Helper()
 	e := &env{agent: testagent.Start(t), m: metrics.Discard(), cfgs: make(chan *config.Config, 1), done: make(chan error, 1)}
 	e.agent.SetIntentions(testagent.Intention("web", "web", api.IntentionActionAllow))
 	e.sock = filepath.Join(t.TempDir(), "web.sock")
@@ -47,7 +54,9 @@ func start(t *testing.T, settings Settings) *env {
 		Public:    &config.Public{BindAddress: "127.0.0.1", LocalServiceAddress: echoApp(t)},
 		Upstreams: []config.Upstream{{DestinationName: "web", LocalBindSocketPath: e.sock}},
 	}
-	e.p = proxy.New(proxy.Options{Client: e.agent.Client(), AgentConfig: e.agent.Config(), Metrics: e.m, DrainTimeout: time.Second, FlushInterval: 20 * time.Millisecond})
+	o := proxy.Options{Client: e.agent.Client(), AgentConfig: e.agent.Config(), Metrics: e.m, DrainTimeout: time.Second}
+	opt(&o)
+	e.p = proxy.New(o)
 	var err error
 	e.srv, err = Listen("127.0.0.1:0", Options{Proxy: e.p, Metrics: e.m, Settings: settings, Pprof: true})
 	if err != nil {
@@ -75,7 +84,7 @@ func (e *env) deliver() { e.cfgs <- e.cfg }
 
 func (e *env) waitReady(t *testing.T) {
 	t.Helper()
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		code, body := get(t, e.base+"/ready")
 		if code != 200 {
 			return fmt.Errorf("/ready %d %s", code, body)
@@ -130,22 +139,6 @@ func getJSON(t *testing.T, url string, v any) int {
 	return code
 }
 
-// eventually polls cond until it holds, for at most 10s.
-func eventually(t *testing.T, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatal(err)
-		}
-		time.Sleep(5 * time.Millisecond) // poll interval, not synchronisation
-	}
-}
-
 // TestReadyTransitions: /ready is 503 with the reason until certificates
 // arrive, 200 once serving, still 200 with a degraded entry when the agent
 // goes away, and 503 again once shutdown starts.
@@ -158,7 +151,7 @@ func TestReadyTransitions(t *testing.T) {
 	}
 	release := e.agent.HoldLeaves()
 	e.deliver()
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		var rd proxy.Readiness
 		if code := getJSON(t, e.base+"/ready", &rd); code != 503 || rd.Reason != "waiting for certificates" {
 			return fmt.Errorf("while the leaf is held: %d %+v", code, rd)
@@ -176,7 +169,7 @@ func TestReadyTransitions(t *testing.T) {
 	}
 
 	e.agent.Stop()
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		var rd proxy.Readiness
 		code := getJSON(t, e.base+"/ready", &rd)
 		if code != 200 || !rd.Ready {
@@ -198,14 +191,15 @@ func TestReadyTransitions(t *testing.T) {
 
 // TestMetricsBuiltinNames: after one connection through the upstream
 // listener (which leads to our own public listener), /metrics serves the
-// built-in proxy's six names with its labels.
+// built-in proxy's six names with its labels (counters with _total, as
+// Prometheus wants them), and the exposition passes promtool.
 func TestMetricsBuiltinNames(t *testing.T) {
 	t.Parallel()
 	e := start(t, Settings{})
 	e.deliver()
 	e.waitReady(t)
 	e.agent.SetEndpoints("web", e.p.PublicAddr().String())
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		if u := e.p.Upstreams(); len(u) != 1 || u[0].HealthyEndpoints != 1 {
 			return errors.New("upstream has not seen its endpoint")
 		}
@@ -225,15 +219,16 @@ func TestMetricsBuiltinNames(t *testing.T) {
 	wantLines := []string{
 		`# TYPE inbound_conns gauge`,
 		`inbound_conns{dst="web"} 0`,
-		`inbound_rx_bytes{dst="web"} 5`,
-		`inbound_tx_bytes{dst="web"} 5`,
-		`# TYPE upstream_rx_bytes counter`,
+		`inbound_rx_bytes_total{dst="web"} 5`,
+		`inbound_tx_bytes_total{dst="web"} 5`,
+		`# TYPE upstream_rx_bytes_total counter`,
 		`upstream_conns{src="web",dst_type="service",dst="web"} 0`,
-		`upstream_rx_bytes{src="web",dst_type="service",dst="web"} 5`,
-		`upstream_tx_bytes{src="web",dst_type="service",dst="web"} 5`,
+		`upstream_rx_bytes_total{src="web",dst_type="service",dst="web"} 5`,
+		`upstream_tx_bytes_total{src="web",dst_type="service",dst="web"} 5`,
+		`upstream_conn_duration_seconds_count{src="web",dst_type="service",dst="web"} 1`,
 		`upstream_healthy_endpoints{src="web",dst_type="service",dst="web"} 1`,
 	}
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		code, body := get(t, e.base+"/metrics")
 		if code != 200 {
 			return fmt.Errorf("/metrics %d", code)
@@ -245,6 +240,8 @@ func TestMetricsBuiltinNames(t *testing.T) {
 		}
 		return nil
 	})
+	_, body := get(t, e.base+"/metrics")
+	promtoolCheck(t, body)
 	resp, err := http.Get(e.base + "/metrics")
 	if err != nil {
 		t.Fatal(err)

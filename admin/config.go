@@ -37,6 +37,9 @@ type Settings struct {
 	HalfCloseTimeout time.Duration
 	TLSKex           string
 	KTLS             string
+	// MaxInboundConnections (0: the registration's) and MaxHandshakes
+	// are the limit flags.
+	MaxInboundConnections, MaxHandshakes int
 }
 
 type settingsView struct {
@@ -56,6 +59,8 @@ type settingsView struct {
 	HalfCloseTimeout string    `json:"half_close_timeout"`
 	TLSKex           string    `json:"tls_kex"`
 	KTLS             string    `json:"ktls"`
+	MaxInbound       int       `json:"max_inbound_connections,omitempty"`
+	MaxHandshakes    int       `json:"max_handshakes,omitempty"`
 }
 
 type agentView struct {
@@ -84,6 +89,9 @@ type publicView struct {
 	LocalServiceAddress string `json:"local_service_address"`
 	HandshakeTimeout    string `json:"handshake_timeout"`
 	LocalConnectTimeout string `json:"local_connect_timeout"`
+	// MaxInboundConnections is the registration's (0: none); the
+	// settings' flag, if set, wins.
+	MaxInboundConnections int `json:"max_inbound_connections"`
 }
 
 type upstreamView struct {
@@ -116,7 +124,7 @@ func configView(s Settings, c *config.Config, tel metrics.Telemetry) configDoc {
 		LogLevel: s.LogLevel, LogJSON: s.LogJSON, AccessLog: s.AccessLog, AdminBind: s.AdminBind,
 		AdminPprof: s.AdminPprof, PprofAddr: s.PprofAddr,
 		ShutdownGrace: s.ShutdownGrace.String(), HalfCloseTimeout: s.HalfCloseTimeout.String(),
-		TLSKex: s.TLSKex, KTLS: s.KTLS,
+		TLSKex: s.TLSKex, KTLS: s.KTLS, MaxInbound: s.MaxInboundConnections, MaxHandshakes: s.MaxHandshakes,
 	}
 	// The token itself never leaves the process; say only that one is set
 	// and where it comes from.
@@ -136,8 +144,9 @@ func configView(s Settings, c *config.Config, tel metrics.Telemetry) configDoc {
 	if c.Public != nil {
 		pv.Public = &publicView{
 			Listen: c.Public.Addr(), LocalServiceAddress: c.Public.LocalServiceAddress,
-			HandshakeTimeout:    c.Public.HandshakeTimeoutOrDefault().String(),
-			LocalConnectTimeout: c.Public.LocalConnectTimeoutOrDefault().String(),
+			HandshakeTimeout:      c.Public.HandshakeTimeoutOrDefault().String(),
+			LocalConnectTimeout:   c.Public.LocalConnectTimeoutOrDefault().String(),
+			MaxInboundConnections: c.Public.MaxInboundConnections,
 		}
 	}
 	for _, u := range c.Upstreams {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/straitproxy/strait/internal/testutil"
 	"github.com/straitproxy/strait/internal/watch"
 	"github.com/straitproxy/strait/tlsutil"
 )
@@ -61,19 +62,6 @@ func waitReady(t *testing.T, a *Authorizer) {
 	case <-a.Ready():
 	case <-time.After(waitFor):
 		t.Fatal("not ready")
-	}
-}
-
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(waitFor)
-	tick := time.NewTicker(time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		<-tick.C
 	}
 }
 
@@ -212,14 +200,14 @@ func TestIntentionChangeIsPickedUp(t *testing.T) {
 		ixn("default", "web", "default", "db", api.IntentionActionAllow),
 		ixn("default", "api", "default", "db", api.IntentionActionDeny),
 	)
-	eventually(t, "index 6", func() bool { return a.Snapshot().Index == 6 })
+	testutil.Eventually(t, "index 6", func() bool { return a.Snapshot().Index == 6 })
 	wantDecision(t, authorize(t, a, web), true, false, "matched intention web => db (allow)")
 	wantDecision(t, authorize(t, a, apiID), false, false, "matched intention api => db (deny)")
 
 	// With no intentions left, the cached default for api from index 5
 	// must not come back: the agent is asked again.
 	f.set(7)
-	eventually(t, "index 7", func() bool { return a.Snapshot().Index == 7 })
+	testutil.Eventually(t, "index 7", func() bool { return a.Snapshot().Index == 7 })
 	wantDecision(t, authorize(t, a, apiID), true, true, "default: Default behavior configured by ACLs")
 	wantDecision(t, authorize(t, a, web), true, true, "default: Default behavior configured by ACLs")
 	if n := f.calls(apiID.String()); n != 2 {
@@ -254,7 +242,7 @@ func TestAgentGoneKeepsLastSet(t *testing.T) {
 
 	// The agent answers errors for a while...
 	f.setMatchFail(true)
-	eventually(t, "three failed queries", func() bool { _, n := f.counts(); return n >= 3 })
+	testutil.Eventually(t, "three failed queries", func() bool { _, n := f.counts(); return n >= 3 })
 	check()
 
 	// ...then goes away altogether.
@@ -353,7 +341,7 @@ func TestAuthorizeHonoursContext(t *testing.T) {
 		// ConnectAuthorize cannot be cancelled; once it completes its
 		// answer is cached for the next caller.
 		close(hold)
-		eventually(t, "the answer to be cached", func() bool { return len(a.Snapshot().Cached) == 1 })
+		testutil.Eventually(t, "the answer to be cached", func() bool { return len(a.Snapshot().Cached) == 1 })
 		wantDecision(t, authorize(t, a, web), true, false, "agent (intentions not loaded yet): ok")
 		if n := f.calls(web.String()); n != 1 {
 			t.Errorf("%d calls, want 1", n)

@@ -99,12 +99,12 @@ func refMatch(target string, ixns []*api.Intention, src tlsutil.Identity) (*api.
 	for _, x := range ixns {
 		switch {
 		case x == nil,
-			x.DestinationName != "*" && strings.ToLower(x.DestinationName) != strings.ToLower(target),
+			x.DestinationName != "*" && !strings.EqualFold(x.DestinationName, target),
 			x.SourcePeer != "",
 			x.SourceName == "",
 			x.SourceNS != "*" && def(x.SourceNS) != def(src.Namespace),
 			x.SourceName != "*" && x.SourceName != src.Service,
-			x.SourceSamenessGroup == "" && strings.ToLower(def(x.SourcePartition)) != strings.ToLower(def(src.Partition)):
+			x.SourceSamenessGroup == "" && !strings.EqualFold(def(x.SourcePartition), def(src.Partition)):
 			continue
 		}
 		if best == nil {

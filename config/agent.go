@@ -21,7 +21,8 @@ import (
 // FromAgentService turns a connect-proxy registration, as the agent returns
 // it from /v1/agent/service/<id> (central config already merged), into a
 // Config. Unlike the built-in proxy it honours bind_address, bind_port,
-// local_service_address and the timeouts from Proxy.Config, and accepts
+// local_service_address, the timeouts and max_inbound_connections (set by
+// service-defaults MaxInboundConnections) from Proxy.Config, and accepts
 // numbers as JSON floats, integers or numeric strings.
 func FromAgentService(svc *api.AgentService) (*Config, error) {
 	if svc == nil {
@@ -89,6 +90,9 @@ func FromAgentService(svc *api.AgentService) (*Config, error) {
 			return nil, err
 		}
 		if pub.LocalConnectTimeout, err = msKey(pc, "local_connect_timeout_ms"); err != nil {
+			return nil, err
+		}
+		if pub.MaxInboundConnections, err = intKey(pc, "max_inbound_connections"); err != nil {
 			return nil, err
 		}
 		c.Public = pub

@@ -15,6 +15,8 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/straitproxy/strait/internal/testutil"
 )
 
 // registration is what GET /v1/agent/service/web-sidecar-proxy returns for
@@ -233,6 +235,11 @@ func TestFromAgentServicePublic(t *testing.T) {
 			want:  Public{BindAddress: "10.0.0.7", BindPort: 21000, LocalServiceAddress: "127.0.0.1:8080", HandshakeTimeout: 2500 * time.Millisecond, LocalConnectTimeout: 750 * time.Millisecond},
 		},
 		{
+			name:  "max_inbound_connections, as service-defaults MaxInboundConnections merges it",
+			edits: []func(map[string]any){proxyConfig(`{"max_inbound_connections": 50}`)},
+			want:  Public{BindAddress: "10.0.0.7", BindPort: 21000, LocalServiceAddress: "127.0.0.1:8080", MaxInboundConnections: 50},
+		},
+		{
 			name:  "timeouts null",
 			edits: []func(map[string]any){proxyConfig(`{"handshake_timeout_ms": null, "bind_address": null}`)},
 			want:  Public{BindAddress: "10.0.0.7", BindPort: 21000, LocalServiceAddress: "127.0.0.1:8080"},
@@ -383,6 +390,7 @@ func TestFromAgentServiceErrors(t *testing.T) {
 		{"fractional local connect timeout", []func(map[string]any){proxyConfig(`{"local_connect_timeout_ms": 0.5}`)}, "local_connect_timeout_ms"},
 		{"huge timeout", []func(map[string]any){proxyConfig(`{"local_connect_timeout_ms": 1e300}`)}, "local_connect_timeout_ms"},
 		{"NaN string", []func(map[string]any){proxyConfig(`{"local_connect_timeout_ms": "NaN"}`)}, "local_connect_timeout_ms"},
+		{"negative max_inbound_connections", []func(map[string]any){proxyConfig(`{"max_inbound_connections": -1}`)}, "max_inbound_connections"},
 		{"bind_port out of range", []func(map[string]any){proxyConfig(`{"bind_port": 70000}`)}, "bind port"},
 		{"bind_port negative", []func(map[string]any){proxyConfig(`{"bind_port": -1}`)}, "bind_port"},
 		{"bind_address not a string", []func(map[string]any){proxyConfig(`{"bind_address": 10}`)}, "bind_address"},
@@ -635,39 +643,6 @@ func (f *fakeServiceAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// syncBuffer collects log output safely across goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.NewTimer(15 * time.Second)
-	defer deadline.Stop()
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-deadline.C:
-			t.Fatalf("timed out waiting for %s", what)
-		case <-tick.C:
-		}
-	}
-}
-
 func receive(t *testing.T, out <-chan *Config) *Config {
 	t.Helper()
 	select {
@@ -685,7 +660,7 @@ func TestWatchAgent(t *testing.T) {
 	f.set(registrationJSON(t), "h1")
 	srv := httptest.NewServer(f)
 	defer srv.Close()
-	logs := &syncBuffer{}
+	logs := &testutil.Buffer{}
 	log := hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Debug})
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -710,7 +685,7 @@ func TestWatchAgent(t *testing.T) {
 	}
 
 	// Unchanged hash: the watch blocks again and delivers nothing.
-	eventually(t, "two more blocking requests", func() bool { return len(f.requests()) >= 3 })
+	testutil.Eventually(t, "two more blocking requests", func() bool { return len(f.requests()) >= 3 })
 	reqs := f.requests()
 	if reqs[0] != "" || reqs[1] != "h1" || reqs[2] != "h1" {
 		t.Fatalf("request hashes %q, want \"\", h1, h1", reqs[:3])
@@ -729,7 +704,7 @@ func TestWatchAgent(t *testing.T) {
 	// A registration that is not a usable proxy is skipped, and the watch
 	// moves on to its hash.
 	f.set(registrationJSON(t, set(top, "Kind", "")), "h3")
-	eventually(t, "a request blocking on h3", func() bool { return slices.Contains(f.requests(), "h3") })
+	testutil.Eventually(t, "a request blocking on h3", func() bool { return slices.Contains(f.requests(), "h3") })
 	if len(out) != 0 {
 		t.Fatalf("unusable registration delivered: %+v", <-out)
 	}
@@ -739,7 +714,7 @@ func TestWatchAgent(t *testing.T) {
 
 	// A body that does not decode at all: retried, not delivered.
 	f.set([]byte(`{"Kind": "connect-proxy", "Port": `), "h4")
-	eventually(t, "the broken body to be retried", func() bool { return f.servedCount("h4") >= 2 })
+	testutil.Eventually(t, "the broken body to be retried", func() bool { return f.servedCount("h4") >= 2 })
 	if len(out) != 0 {
 		t.Fatalf("undecodable registration delivered: %+v", <-out)
 	}
@@ -770,7 +745,7 @@ func TestWatchAgentStopsWhileDelivering(t *testing.T) {
 		defer close(done)
 		WatchAgent(ctx, newAPIClient(t, srv), "p", hclog.NewNullLogger(), make(chan *Config)) // nobody reads
 	}()
-	eventually(t, "the first response", func() bool { return f.servedCount("h1") >= 1 })
+	testutil.Eventually(t, "the first response", func() bool { return f.servedCount("h1") >= 1 })
 	cancel()
 	select {
 	case <-done:

@@ -69,6 +69,11 @@ type Public struct {
 	// LocalConnectTimeout bounds dialing the application; zero means
 	// DefaultLocalConnectTimeout.
 	LocalConnectTimeout time.Duration
+	// MaxInboundConnections bounds concurrent inbound connections (tunnel
+	// streams included) plus handshakes in progress; zero means no limit.
+	// It is Proxy.Config's max_inbound_connections, which service-defaults
+	// MaxInboundConnections sets.
+	MaxInboundConnections int
 }
 
 // Addr is the listen address, host:port.
@@ -104,7 +109,8 @@ type Upstream struct {
 
 	// LocalBindAddress and LocalBindPort form the TCP listener, unless
 	// LocalBindSocketPath is set, in which case a unix socket with mode
-	// LocalBindSocketMode (0 means 0600 after umask) is used instead.
+	// LocalBindSocketMode is used instead. Mode 0 leaves the socket as the
+	// umask makes it (0777 &^ umask, 0755 under the usual 022), as Envoy does.
 	LocalBindAddress    string
 	LocalBindPort       int
 	LocalBindSocketPath string

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+
+	"github.com/straitproxy/strait/internal/testutil"
 )
 
 // fakeRegAgent records the agent calls Register makes.
@@ -94,7 +96,7 @@ func TestRegisterRun(t *testing.T) {
 	r := &Register{Service: "web", Address: "10.0.0.7", Port: 21000, IDSuffix: "abc"}
 	cancel, done := runRegister(t, f, r)
 
-	eventually(t, "the registration", func() bool { _, regs := f.snapshot(); return len(regs) >= 1 })
+	testutil.Eventually(t, "the registration", func() bool { _, regs := f.snapshot(); return len(regs) >= 1 })
 	_, regs := f.snapshot()
 	reg := regs[0]
 	if reg.ID != "web-proxy-abc" || reg.Name != "web-proxy" || reg.Kind != api.ServiceKindConnectProxy {
@@ -128,7 +130,7 @@ func TestRegisterDeregisterRetries(t *testing.T) {
 	t.Parallel()
 	f := &fakeRegAgent{deregFailures: 1}
 	cancel, done := runRegister(t, f, &Register{Service: "db", Port: 21001})
-	eventually(t, "the registration", func() bool { _, regs := f.snapshot(); return len(regs) >= 1 })
+	testutil.Eventually(t, "the registration", func() bool { _, regs := f.snapshot(); return len(regs) >= 1 })
 	cancel()
 	waitDone(t, done)
 	calls, _ := f.snapshot()

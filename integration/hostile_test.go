@@ -69,7 +69,11 @@ func TestHostileInputNeverReachesApp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	server := startStrait(t, a, "-proxy-id", id)
+	// The 1,120 connections exceed the default bound of handshakes in
+	// progress (1,024): raise it, so that every one is answered by the
+	// handshake itself (timeout, TLS error); TestMaxHandshakes* and
+	// TestMaxInboundConnections* cover the bound.
+	server := startStrait(t, a, "-proxy-id", id, "-max-handshakes", "2048")
 	startStrait(t, a, "-service", src, "-upstream", dst+":"+portOf(up))
 	eventually(t, 30*time.Second, func() error { return echoVia("tcp", up, 1024, key) })
 
@@ -103,7 +107,7 @@ func TestHostileInputNeverReachesApp(t *testing.T) {
 	}
 	// Handshake failures by reason, from the admin endpoint's /metrics.
 	failures := func() (map[string]float64, error) {
-		series, err := promSeries(server, "inbound_handshake_failed")
+		series, err := promSeries(server, "inbound_handshake_failed_total")
 		if err != nil {
 			return nil, err
 		}
@@ -248,20 +252,20 @@ probing:
 				}
 			}
 			if sum < float64(total) {
-				return fmt.Errorf("inbound_handshake_failed for %s grew by %v (%v), want %d", dst, sum, delta, total)
+				return fmt.Errorf("inbound_handshake_failed_total for %s grew by %v (%v), want %d", dst, sum, delta, total)
 			}
 			return nil
 		})
-		t.Logf("inbound_handshake_failed{dst=%q} grew by %v: %v", dst, sum, delta)
+		t.Logf("inbound_handshake_failed_total{dst=%q} grew by %v: %v", dst, sum, delta)
 		switch {
 		case err != nil:
 			t.Errorf("/metrics: %v", err)
 		case sum != float64(total):
-			t.Errorf("inbound_handshake_failed for %s grew by %v (%v), but %d hostile connections were made", dst, sum, delta, total)
+			t.Errorf("inbound_handshake_failed_total for %s grew by %v (%v), but %d hostile connections were made", dst, sum, delta, total)
 		case delta["timeout"] < 1000:
-			t.Errorf("inbound_handshake_failed{reason=\"timeout\"} grew by %v, want at least the 1000 held connections (%v)", delta["timeout"], delta)
+			t.Errorf("inbound_handshake_failed_total{reason=\"timeout\"} grew by %v, want at least the 1000 held connections (%v)", delta["timeout"], delta)
 		case sum-delta["timeout"] < 70:
-			t.Errorf("inbound_handshake_failed grew by %v for reasons other than timeout, want at least the 70 plaintext HTTP and oversized ones (%v)", sum-delta["timeout"], delta)
+			t.Errorf("inbound_handshake_failed_total grew by %v for reasons other than timeout, want at least the 70 plaintext HTTP and oversized ones (%v)", sum-delta["timeout"], delta)
 		}
 	} else {
 		t.Log("strait has no -admin-bind: handshake failure counters are not checked")

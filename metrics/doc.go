@@ -4,7 +4,9 @@
 //   - an always-on Prometheus sink (PromSink), served as text by the admin
 //     listener's /metrics, and
 //   - the push sinks of Consul's telemetry block (statsd, statsite,
-//     dogstatsd), configured from Proxy.Config["telemetry"] or flags.
+//     dogstatsd), configured from Proxy.Config["telemetry"] or flags,
+//     each one goroutine that Metrics.Close stops and joins (push.go says
+//     why they are not go-metrics' own).
 //
 // # Why a Prometheus writer of our own
 //
@@ -24,6 +26,11 @@
 // summaries in a sync.Map, so the update path takes no global lock, and
 // writes the text exposition format 0.0.4. It has no dependencies beyond
 // go-metrics and the standard library.
+//
+// Prometheus names follow Prometheus's conventions rather than go-metrics'
+// keys (counters end in _total, durations are summaries in seconds, every
+// series has HELP), and Metrics.Declare exposes a series at zero before
+// its first event; the push sinks keep the built-in proxy's names.
 //
 // Two go-metrics instances sit behind Metrics: the Prometheus one never
 // puts the hostname into names (Prometheus labels the instance itself),

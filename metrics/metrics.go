@@ -1,9 +1,10 @@
 package metrics
 
 import (
-	"fmt"
+	"errors"
 	"io"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,15 +31,25 @@ type Metrics struct {
 	log  hclog.Logger
 	prom *PromSink
 
-	mu  sync.Mutex // Configure and EmitRuntimeStats
-	cur atomic.Pointer[state]
+	mu     sync.Mutex // Configure, EmitRuntimeStats and Close
+	cur    atomic.Pointer[state]
+	closed bool
 }
 
 type state struct {
 	tel  Telemetry
 	prom *gometrics.Metrics // PromSink, no hostname in names
+	decl *gometrics.Metrics // declSink over PromSink, same config
 	push *gometrics.Metrics // statsd family with Consul's rules; nil if none
-	dog  *dogStatsd
+	// senders are the push sinks' goroutines, stopped when the state is
+	// replaced or Metrics closed.
+	senders []*sender
+}
+
+func (st *state) close() {
+	for _, s := range st.senders {
+		s.Close()
+	}
 }
 
 // New returns a Metrics feeding only its Prometheus sink, with no prefix,
@@ -49,7 +60,6 @@ func New(opts Options) *Metrics {
 		m.log = hclog.NewNullLogger()
 	}
 	m.prom.GaugeTTL = opts.GaugeTTL
-	m.prom.Help = helpFor("")
 	st, _ := m.build(Telemetry{})
 	m.cur.Store(st)
 	return m
@@ -79,31 +89,33 @@ func (m *Metrics) build(t Telemetry) (*state, error) {
 	if st.prom, err = gometrics.New(goConfig(t.MetricsPrefix, t), m.prom); err != nil {
 		return nil, err
 	}
+	if st.decl, err = gometrics.New(goConfig(t.MetricsPrefix, t), declSink{m.prom}); err != nil {
+		return nil, err
+	}
 	var sinks gometrics.FanoutSink
 	hostname, _ := os.Hostname()
+	log := m.log
 	if t.StatsdAddr != "" {
-		s, err := gometrics.NewStatsdSink(t.StatsdAddr)
-		if err != nil {
-			return nil, fmt.Errorf("statsd sink: %w", err)
-		}
+		s := newStatsdSink(t.StatsdAddr, log.Named("statsd"))
+		st.senders = append(st.senders, s.sender)
 		sinks = append(sinks, s)
 	}
 	if t.StatsiteAddr != "" {
-		s, err := gometrics.NewStatsiteSink(t.StatsiteAddr)
-		if err != nil {
-			return nil, fmt.Errorf("statsite sink: %w", err)
-		}
+		s := newStatsiteSink(t.StatsiteAddr, log.Named("statsite"))
+		st.senders = append(st.senders, s.sender)
 		sinks = append(sinks, s)
 	}
 	if t.DogstatsdAddr != "" {
-		st.dog = newDogStatsd(t.DogstatsdAddr, hostname, t.DogstatsdTags, m.log.Named("dogstatsd"))
-		sinks = append(sinks, st.dog)
+		d := newDogStatsd(t.DogstatsdAddr, hostname, t.DogstatsdTags, log.Named("dogstatsd"))
+		st.senders = append(st.senders, d.sender)
+		sinks = append(sinks, d)
 	}
 	if len(sinks) > 0 {
 		c := goConfig(t.MetricsPrefix, t)
 		c.HostName = hostname
 		c.EnableHostname = t.DisableHostname == nil || !*t.DisableHostname
 		if st.push, err = gometrics.New(c, sinks); err != nil {
+			st.close()
 			return nil, err
 		}
 	}
@@ -113,28 +125,43 @@ func (m *Metrics) build(t Telemetry) (*state, error) {
 // Configure applies a telemetry block: prefix, filters and push sinks. It is
 // meant to be called once, with the first configuration (the built-in proxy
 // also applies telemetry only at start); a second call replaces the
-// configuration but cannot stop go-metrics' statsd and statsite senders of
-// the first. A changed prefix empties the Prometheus sink so that no series
-// is exposed under two names.
+// configuration and stops the previous push sinks. A changed prefix empties
+// the Prometheus sink so that no series is exposed under two names.
+// Configure fails after Close.
 func (m *Metrics) Configure(t Telemetry) error {
 	if err := t.Validate(); err != nil {
 		return err
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.closed {
+		return errors.New("metrics: Configure after Close")
+	}
 	st, err := m.build(t)
 	if err != nil {
 		return err
 	}
+	changed := m.cur.Load().tel.MetricsPrefix != t.MetricsPrefix
+	if changed {
+		m.prom.SetPrefix(t.MetricsPrefix)
+	}
 	old := m.cur.Swap(st)
-	if old.tel.MetricsPrefix != t.MetricsPrefix {
+	if changed {
 		m.prom.Reset()
-		m.prom.Help = helpFor(t.MetricsPrefix)
 	}
-	if old.dog != nil {
-		old.dog.Close()
-	}
+	old.close()
 	return nil
+}
+
+// Close stops the push sinks after they have sent what they hold, and
+// returns once their goroutines have exited. The Prometheus sink keeps
+// working; later emissions to the push sinks are dropped. Call it after
+// everything that emits has stopped (the proxy's Shutdown).
+func (m *Metrics) Close() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.closed = true
+	m.cur.Load().close()
 }
 
 // Telemetry returns the configuration in effect.
@@ -164,6 +191,26 @@ func (m *Metrics) AddSample(key []string, val float32, labels []Label) {
 	st.prom.AddSampleWithLabels(key, val, labels)
 	if st.push != nil {
 		st.push.AddSampleWithLabels(key, val, labels)
+	}
+}
+
+// Declare makes a counter or summary series exist in the Prometheus
+// exposition at zero, before anything is counted, so that alerts and
+// dashboards see it from the start. It sends nothing to the push sinks
+// (statsd has no notion of a declared series). The metrics prefix and
+// filters apply as to emissions. Gauges are not declared: they carry a
+// value, emit it with SetGauge. key must be one of this package's names.
+func (m *Metrics) Declare(key []string, labels []Label) {
+	d, ok := promDescs[strings.Join(key, ".")]
+	if !ok {
+		return
+	}
+	st := m.cur.Load()
+	switch d.kind {
+	case kindCounter:
+		st.decl.IncrCounterWithLabels(key, 0, labels)
+	case kindSummary:
+		st.decl.AddSampleWithLabels(key, 0, labels)
 	}
 }
 

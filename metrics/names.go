@@ -3,8 +3,8 @@ package metrics
 import "strings"
 
 // The metric names strait emits, as go-metrics keys (joined with '.' for
-// statsd, '_' for Prometheus, after the metrics prefix). The first six are
-// the built-in proxy's, with its labels and semantics.
+// statsd, after the metrics prefix; Prometheus names are in promDescs).
+// The first six are the built-in proxy's, with its labels and semantics.
 var (
 	// InboundConns is a gauge of open proxied connections on the public
 	// listener {dst}: counted once the application has been dialed, as
@@ -38,6 +38,10 @@ var (
 	// (max_tunnels, max_streams, stream_rate, bad_header; framing: a
 	// tunnel closed because the peer broke the yamux framing).
 	InboundTunnelRefused = []string{"inbound", "tunnel_refused"}
+	// InboundConnsRefused counts inbound connections (and tunnel streams)
+	// closed at once by a limit {dst, reason}: max_inbound_connections or
+	// max_handshakes.
+	InboundConnsRefused = []string{"inbound", "conns_refused"}
 	// InboundDuration samples the duration of proxied inbound connections
 	// in milliseconds {dst}.
 	InboundDuration = []string{"inbound", "conn_duration"}
@@ -64,42 +68,106 @@ var (
 	WatchErrors = []string{"watch", "errors"}
 )
 
-var help = map[string]string{
-	"inbound.conns":              "Open proxied connections on the public listener (built-in proxy name).",
-	"inbound.rx_bytes":           "Bytes received from inbound peers (built-in proxy name).",
-	"inbound.tx_bytes":           "Bytes sent to inbound peers (built-in proxy name).",
-	"upstream.conns":             "Open proxied connections per upstream (built-in proxy name).",
-	"upstream.rx_bytes":          "Bytes received from the local application per upstream (built-in proxy name).",
-	"upstream.tx_bytes":          "Bytes sent to the local application per upstream (built-in proxy name).",
-	"inbound.denied":             "Inbound connections refused by intentions, by source service.",
-	"inbound.handshake_failed":   "Inbound TLS handshakes that failed, by reason.",
-	"inbound.app_dial_failed":    "Authorized inbound connections whose application could not be dialed.",
-	"inbound.conn_duration":      "Duration of proxied inbound connections in milliseconds.",
-	"upstream.dial_failed":       "Upstream connections for which no endpoint could be dialed.",
-	"upstream.dial_retries":      "Upstream dial attempts beyond the first of a connection.",
-	"upstream.healthy_endpoints": "Passing endpoints listed by Consul per upstream.",
-	"upstream.ejected_endpoints": "Endpoints skipped after dial failures per upstream.",
-	"upstream.conn_duration":     "Duration of proxied upstream connections in milliseconds.",
-	"leaf.seconds_to_expiry":     "Seconds until the leaf certificate expires.",
-	"watch.errors":               "Failed blocking queries against the local agent, by watch.",
+// Label values known before anything happens: the fixed reasons of
+// InboundHandshakeFailed, InboundAppDialFailed and InboundTunnelRefused.
+// The proxy declares each at zero (Metrics.Declare) so that these series
+// exist from the start; a value not listed here would still be counted,
+// only from its first occurrence.
+var (
+	HandshakeFailedReasons = []string{"timeout", "no_client_cert", "untrusted_chain", "wrong_trust_domain",
+		"not_a_service", "not_ready", "leaf_expired", "authz_error", "peer_closed", "shutdown", "tls_error"}
+	AppDialFailedReasons = []string{"app_refused", "app_unreachable"}
+	TunnelRefusedReasons = []string{"max_tunnels", "max_streams", "stream_rate", "bad_header", "framing"}
+	ConnsRefusedReasons  = []string{"max_inbound_connections", "max_handshakes"}
+)
+
+// promDesc is how a go-metrics key is exposed to Prometheus: under its own
+// name (counters end in _total, durations are in seconds), with a type
+// and HELP text. The statsd family keeps the go-metrics key.
+type promDesc struct {
+	name  string  // without the metrics prefix
+	kind  kind    // the Prometheus type, whatever the go-metrics call
+	scale float64 // multiplies every value (milliseconds to seconds)
+	help  string
+}
+
+// promDescs maps dotted go-metrics keys (without prefix) to their
+// Prometheus exposition. go-metrics' runtime.* keys are here too: their
+// own names break Prometheus conventions (gauges named *_count, ns).
+var promDescs = map[string]promDesc{
+	"inbound.conns":              {"inbound_conns", kindGauge, 1, "Open proxied connections on the public listener (built-in proxy's inbound.conns)."},
+	"inbound.rx_bytes":           {"inbound_rx_bytes_total", kindCounter, 1, "Bytes received from inbound peers (built-in proxy's inbound.rx_bytes)."},
+	"inbound.tx_bytes":           {"inbound_tx_bytes_total", kindCounter, 1, "Bytes sent to inbound peers (built-in proxy's inbound.tx_bytes)."},
+	"upstream.conns":             {"upstream_conns", kindGauge, 1, "Open proxied connections per upstream (built-in proxy's upstream.conns)."},
+	"upstream.rx_bytes":          {"upstream_rx_bytes_total", kindCounter, 1, "Bytes received from the local application per upstream (built-in proxy's upstream.rx_bytes)."},
+	"upstream.tx_bytes":          {"upstream_tx_bytes_total", kindCounter, 1, "Bytes sent to the local application per upstream (built-in proxy's upstream.tx_bytes)."},
+	"inbound.denied":             {"inbound_denied_total", kindCounter, 1, "Inbound connections refused by intentions, by source service."},
+	"inbound.handshake_failed":   {"inbound_handshake_failed_total", kindCounter, 1, "Inbound TLS handshakes that failed for a reason other than intentions, by reason."},
+	"inbound.app_dial_failed":    {"inbound_app_dial_failed_total", kindCounter, 1, "Authorized inbound connections whose application could not be dialed, by reason."},
+	"inbound.tunnel_refused":     {"inbound_tunnel_refused_total", kindCounter, 1, "Inbound tunnels and tunnel streams refused, by reason."},
+	"inbound.conns_refused":      {"inbound_conns_refused_total", kindCounter, 1, "Inbound connections and tunnel streams closed at once by a limit, by reason."},
+	"inbound.conn_duration":      {"inbound_conn_duration_seconds", kindSummary, 1e-3, "Duration of proxied inbound connections in seconds."},
+	"upstream.dial_failed":       {"upstream_dial_failed_total", kindCounter, 1, "Upstream connections for which no endpoint could be dialed."},
+	"upstream.dial_retries":      {"upstream_dial_retries_total", kindCounter, 1, "Upstream dial attempts beyond the first of a connection."},
+	"upstream.healthy_endpoints": {"upstream_healthy_endpoints", kindGauge, 1, "Passing endpoints listed by Consul per upstream."},
+	"upstream.ejected_endpoints": {"upstream_ejected_endpoints", kindGauge, 1, "Endpoints skipped after dial failures per upstream."},
+	"upstream.conn_duration":     {"upstream_conn_duration_seconds", kindSummary, 1e-3, "Duration of proxied upstream connections in seconds."},
+	"leaf.seconds_to_expiry":     {"leaf_time_to_expiry_seconds", kindGauge, 1, "Seconds until the leaf certificate expires."},
+	"watch.errors":               {"watch_errors_total", kindCounter, 1, "Failed blocking queries against the local agent, by watch."},
+
+	"runtime.num_goroutines":    {"runtime_num_goroutines", kindGauge, 1, "Goroutines that currently exist."},
+	"runtime.alloc_bytes":       {"runtime_alloc_bytes", kindGauge, 1, "Bytes of allocated heap objects."},
+	"runtime.sys_bytes":         {"runtime_sys_bytes", kindGauge, 1, "Bytes of memory obtained from the OS."},
+	"runtime.heap_objects":      {"runtime_heap_objects", kindGauge, 1, "Allocated heap objects."},
+	"runtime.malloc_count":      {"runtime_mallocs_total", kindCounter, 1, "Heap objects allocated since start."},
+	"runtime.free_count":        {"runtime_frees_total", kindCounter, 1, "Heap objects freed since start."},
+	"runtime.total_gc_runs":     {"runtime_gc_runs_total", kindCounter, 1, "Completed garbage collection cycles since start."},
+	"runtime.total_gc_pause_ns": {"runtime_gc_paused_seconds_total", kindCounter, 1e-9, "Seconds spent in garbage collection stop-the-world pauses since start."},
+	"runtime.gc_pause_ns":       {"runtime_gc_pause_seconds", kindSummary, 1e-9, "Garbage collection stop-the-world pauses in seconds."},
 }
 
 // Help returns the description of a metric by its dotted name without
 // prefix ("upstream.rx_bytes"), or "".
-func Help(name string) string { return help[name] }
+func Help(name string) string { return promDescs[name].help }
 
-// helpFor is PromSink.Help for a prefix: it maps a Prometheus name back to
-// the dotted name.
-func helpFor(prefix string) func(string) string {
-	byProm := make(map[string]string, len(help))
+// PromName returns the Prometheus name of a metric by its dotted name
+// without prefix ("upstream.rx_bytes" is "upstream_rx_bytes_total"), or
+// "" for a name strait does not emit.
+func PromName(name string) string { return promDescs[name].name }
+
+// resolved is the Prometheus side of one go-metrics key.
+type resolved struct {
+	name  string
+	kind  kind
+	scale float64
+	help  string
+}
+
+// resolve maps a go-metrics key (prefix first, as go-metrics passes it to
+// a sink) and the type of the call that emitted it to its Prometheus
+// name, type, scale and HELP. A key strait does not know keeps its
+// sanitized name, counters get _total, and HELP names the key.
+func resolve(prefix string, key []string, k kind) resolved {
+	rest := key
 	pp := ""
-	if prefix != "" {
-		pp = promName(strings.Split(prefix, ".")) + "_"
+	if prefix != "" && len(key) > 0 && key[0] == prefix {
+		rest = key[1:]
+		pp = promName(key[:1]) + "_"
 	}
-	for k, v := range help {
-		byProm[pp+promName(strings.Split(k, "."))] = v
+	dotted := strings.Join(rest, ".")
+	if d, ok := promDescs[dotted]; ok {
+		return resolved{name: pp + d.name, kind: d.kind, scale: d.scale, help: d.help}
 	}
-	return func(name string) string { return byProm[name] }
+	return generic(key, k)
+}
+
+// generic is the exposition of a key strait does not know.
+func generic(key []string, k kind) resolved {
+	name := promName(key)
+	if k == kindCounter && !strings.HasSuffix(name, "_total") {
+		name += "_total"
+	}
+	return resolved{name: name, kind: k, scale: 1, help: "go-metrics key " + strings.Join(key, ".") + " (not documented by strait)."}
 }
 
 // Names added for the hardened data path.

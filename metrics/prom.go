@@ -19,19 +19,21 @@ const DefaultGaugeTTL = time.Minute
 
 // PromSink is a go-metrics sink for Prometheus: counters are cumulative,
 // gauges keep their last value (for up to GaugeTTL without an update),
-// samples become summaries with _sum and _count. Updates of an existing
-// series are lock-free (a sync.Map lookup and an atomic); only the first
-// update of a series stores it. See the package documentation for why this
-// exists rather than go-metrics' prometheus subpackage.
+// samples become summaries with _sum and _count. Keys strait knows are
+// exposed under their Prometheus names (counters end in _total, durations
+// are in seconds; see names.go), every series with HELP and TYPE. Updates
+// of an existing series are lock-free (sync.Map lookups and an atomic);
+// only the first update of a series stores it. See the package
+// documentation for why this exists rather than go-metrics' prometheus
+// subpackage.
 type PromSink struct {
 	// GaugeTTL drops gauges not set for this long; zero means
 	// DefaultGaugeTTL, negative never.
 	GaugeTTL time.Duration
-	// Help returns the HELP text of a metric name (sanitized, prefix
-	// included), or "".
-	Help func(name string) string
 
-	series sync.Map // seriesKey -> *series
+	prefix atomic.Pointer[string] // the metrics prefix, key[0] when set
+	names  sync.Map               // nameKey -> resolved
+	series sync.Map               // seriesKey -> *series
 	now    func() time.Time
 }
 
@@ -61,34 +63,73 @@ type seriesKey struct {
 
 type series struct {
 	seriesKey
-	bits atomic.Uint64 // counter or gauge value, float64 bits
-	set  atomic.Int64  // gauge: unix nanoseconds of the last set
+	help  string
+	scale float64
+	bits  atomic.Uint64 // counter or gauge value, float64 bits
+	set   atomic.Int64  // gauge: unix nanoseconds of the last set
 
 	mu    sync.Mutex // summary
 	count uint64
 	sum   float64
 }
 
+type nameKey struct {
+	kind kind
+	key  string // the go-metrics key joined with NUL
+}
+
 // NewPromSink returns an empty sink.
 func NewPromSink() *PromSink { return &PromSink{now: time.Now} }
 
+// SetPrefix tells the sink the metrics prefix go-metrics puts in front of
+// every key ("" for none), so that it finds strait's names behind it.
+func (p *PromSink) SetPrefix(prefix string) {
+	p.prefix.Store(&prefix)
+	p.names.Clear()
+}
+
+// resolve is resolve (names.go) with a cache; k is the type of the call.
+func (p *PromSink) resolve(k kind, key []string) resolved {
+	nk := nameKey{kind: k, key: strings.Join(key, "\x00")}
+	if r, ok := p.names.Load(nk); ok {
+		return r.(resolved)
+	}
+	prefix := ""
+	if pp := p.prefix.Load(); pp != nil {
+		prefix = *pp
+	}
+	r := resolve(prefix, key, k)
+	// The table's type wins where it is compatible with the call: a
+	// cumulative go-metrics gauge (runtime.malloc_count) may be a
+	// Prometheus counter. Otherwise the call's type and a name of its own.
+	if r.kind != k && !(r.kind == kindCounter && k == kindGauge) {
+		r = generic(key, k)
+	}
+	p.names.Store(nk, r)
+	return r
+}
+
 func (p *PromSink) get(k kind, key []string, labels []gometrics.Label) *series {
-	sk := seriesKey{kind: k, name: promName(key), labels: promLabels(labels)}
+	r := p.resolve(k, key)
+	sk := seriesKey{kind: r.kind, name: r.name, labels: promLabels(labels)}
 	if s, ok := p.series.Load(sk); ok {
 		return s.(*series)
 	}
-	s, _ := p.series.LoadOrStore(sk, &series{seriesKey: sk})
+	s, _ := p.series.LoadOrStore(sk, &series{seriesKey: sk, help: r.help, scale: r.scale})
 	return s.(*series)
 }
 
 // Reset forgets every series (used when the metrics prefix changes).
-func (p *PromSink) Reset() { p.series.Clear() }
+func (p *PromSink) Reset() {
+	p.series.Clear()
+	p.names.Clear()
+}
 
 func (p *PromSink) SetGauge(key []string, val float32) { p.SetGaugeWithLabels(key, val, nil) }
 
 func (p *PromSink) SetGaugeWithLabels(key []string, val float32, labels []gometrics.Label) {
 	s := p.get(kindGauge, key, labels)
-	s.bits.Store(math.Float64bits(float64(val)))
+	s.bits.Store(math.Float64bits(float64(val) * s.scale))
 	s.set.Store(p.clock().UnixNano())
 }
 
@@ -100,9 +141,10 @@ func (p *PromSink) IncrCounter(key []string, val float32) { p.IncrCounterWithLab
 
 func (p *PromSink) IncrCounterWithLabels(key []string, val float32, labels []gometrics.Label) {
 	s := p.get(kindCounter, key, labels)
+	d := float64(val) * s.scale
 	for {
 		old := s.bits.Load()
-		if s.bits.CompareAndSwap(old, math.Float64bits(math.Float64frombits(old)+float64(val))) {
+		if s.bits.CompareAndSwap(old, math.Float64bits(math.Float64frombits(old)+d)) {
 			return
 		}
 	}
@@ -114,8 +156,26 @@ func (p *PromSink) AddSampleWithLabels(key []string, val float32, labels []gomet
 	s := p.get(kindSummary, key, labels)
 	s.mu.Lock()
 	s.count++
-	s.sum += float64(val)
+	s.sum += float64(val) * s.scale
 	s.mu.Unlock()
+}
+
+// declSink is the go-metrics sink behind Metrics.Declare: a counter or
+// summary call creates the series in the PromSink at zero, and nothing
+// else. Going through a go-metrics instance applies the same prefix and
+// filters as real emissions.
+type declSink struct{ p *PromSink }
+
+func (d declSink) SetGauge([]string, float32)                              {}
+func (d declSink) SetGaugeWithLabels([]string, float32, []gometrics.Label) {}
+func (d declSink) EmitKey([]string, float32)                               {}
+func (d declSink) IncrCounter(key []string, _ float32)                     { d.p.get(kindCounter, key, nil) }
+func (d declSink) AddSample(key []string, _ float32)                       { d.p.get(kindSummary, key, nil) }
+func (d declSink) IncrCounterWithLabels(key []string, _ float32, l []gometrics.Label) {
+	d.p.get(kindCounter, key, l)
+}
+func (d declSink) AddSampleWithLabels(key []string, _ float32, l []gometrics.Label) {
+	d.p.get(kindSummary, key, l)
 }
 
 func (p *PromSink) clock() time.Time {
@@ -163,11 +223,7 @@ func (p *PromSink) WriteTo(w io.Writer) (int64, error) {
 			name += "_" + s.kind.String()
 		}
 		if i == 0 || s.name != last.name || s.kind != last.kind {
-			if p.Help != nil {
-				if h := p.Help(s.name); h != "" {
-					bw.WriteString("# HELP " + name + " " + escapeHelp(h) + "\n")
-				}
-			}
+			bw.WriteString("# HELP " + name + " " + escapeHelp(s.help) + "\n")
 			bw.WriteString("# TYPE " + name + " " + s.kind.String() + "\n")
 		}
 		last = s.seriesKey

@@ -20,7 +20,6 @@ func exposition(t *testing.T, p *PromSink) string {
 
 func TestPromSinkExposition(t *testing.T) {
 	p := NewPromSink()
-	p.Help = helpFor("")
 	l := []Label{{Name: "src", Value: "web"}, {Name: "dst_type", Value: "service"}, {Name: "dst", Value: "db"}}
 	p.IncrCounterWithLabels([]string{"upstream", "rx_bytes"}, 1000, l)
 	p.IncrCounterWithLabels([]string{"upstream", "rx_bytes"}, 24, l)
@@ -30,21 +29,27 @@ func TestPromSinkExposition(t *testing.T) {
 	p.AddSampleWithLabels([]string{"upstream", "conn_duration"}, 5.5, l)
 	p.IncrCounterWithLabels([]string{"inbound", "denied"}, 1, []Label{{Name: "src", Value: `we"ird\svc` + "\n"}, {Name: "dst", Value: "web"}})
 	p.IncrCounter([]string{"9lives", "a-b"}, 1)
-	want := `# TYPE _lives_a_b counter
-_lives_a_b 1
-# HELP inbound_denied Inbound connections refused by intentions, by source service.
-# TYPE inbound_denied counter
-inbound_denied{src="we\"ird\\svc\n",dst="web"} 1
-# HELP upstream_conn_duration Duration of proxied upstream connections in milliseconds.
-# TYPE upstream_conn_duration summary
-upstream_conn_duration_sum{src="web",dst_type="service",dst="db"} 15.5
-upstream_conn_duration_count{src="web",dst_type="service",dst="db"} 2
-# HELP upstream_conns Open proxied connections per upstream (built-in proxy name).
+	p.SetGauge([]string{"runtime", "malloc_count"}, 7) // a cumulative gauge becomes a counter
+	p.SetGauge([]string{"runtime", "malloc_count"}, 9)
+	want := `# HELP _lives_a_b_total go-metrics key 9lives.a-b (not documented by strait).
+# TYPE _lives_a_b_total counter
+_lives_a_b_total 1
+# HELP inbound_denied_total Inbound connections refused by intentions, by source service.
+# TYPE inbound_denied_total counter
+inbound_denied_total{src="we\"ird\\svc\n",dst="web"} 1
+# HELP runtime_mallocs_total Heap objects allocated since start.
+# TYPE runtime_mallocs_total counter
+runtime_mallocs_total 9
+# HELP upstream_conn_duration_seconds Duration of proxied upstream connections in seconds.
+# TYPE upstream_conn_duration_seconds summary
+upstream_conn_duration_seconds_sum{src="web",dst_type="service",dst="db"} 0.0155
+upstream_conn_duration_seconds_count{src="web",dst_type="service",dst="db"} 2
+# HELP upstream_conns Open proxied connections per upstream (built-in proxy's upstream.conns).
 # TYPE upstream_conns gauge
 upstream_conns{src="web",dst_type="service",dst="db"} 2
-# HELP upstream_rx_bytes Bytes received from the local application per upstream (built-in proxy name).
-# TYPE upstream_rx_bytes counter
-upstream_rx_bytes{src="web",dst_type="service",dst="db"} 1024
+# HELP upstream_rx_bytes_total Bytes received from the local application per upstream (built-in proxy's upstream.rx_bytes).
+# TYPE upstream_rx_bytes_total counter
+upstream_rx_bytes_total{src="web",dst_type="service",dst="db"} 1024
 `
 	if got := exposition(t, p); got != want {
 		t.Fatalf("got\n%s\nwant\n%s", got, want)
@@ -62,7 +67,7 @@ func TestPromSinkGaugeTTL(t *testing.T) {
 	}
 	now = now.Add(2 * time.Second)
 	got := exposition(t, p)
-	if strings.Contains(got, "healthy_endpoints") || !strings.Contains(got, "upstream_rx_bytes 1") {
+	if strings.Contains(got, "healthy_endpoints") || !strings.Contains(got, "upstream_rx_bytes_total 1") {
 		t.Fatalf("after the TTL, want the gauge gone and the counter kept:\n%s", got)
 	}
 }
@@ -75,6 +80,7 @@ func TestConfigurePrefixAndSinks(t *testing.T) {
 	statsd := listenUDP(t)
 	dog := listenUDP(t)
 	m := New(Options{})
+	t.Cleanup(m.Close)
 	m.IncrCounter([]string{"watch", "errors"}, 1, nil) // before Configure: dropped with the old prefix
 	if err := m.Configure(Telemetry{
 		MetricsPrefix: "strait", StatsdAddr: statsd.LocalAddr().String(), DogstatsdAddr: dog.LocalAddr().String(),
@@ -89,7 +95,7 @@ func TestConfigurePrefixAndSinks(t *testing.T) {
 
 	var prom bytes.Buffer
 	m.WritePrometheus(&prom)
-	if s := prom.String(); !strings.Contains(s, `strait_upstream_rx_bytes{src="web",dst_type="service",dst="db"} 5`) ||
+	if s := prom.String(); !strings.Contains(s, `strait_upstream_rx_bytes_total{src="web",dst_type="service",dst="db"} 5`) ||
 		!strings.Contains(s, `strait_upstream_conns{src="web",dst_type="service",dst="db"} 1`) || strings.Contains(s, "watch_errors") {
 		t.Fatalf("prometheus:\n%s", s)
 	}
@@ -103,6 +109,7 @@ func TestConfigurePrefixAndSinks(t *testing.T) {
 func TestConfigureDisableHostnameAndFilters(t *testing.T) {
 	statsd := listenUDP(t)
 	m := New(Options{})
+	t.Cleanup(m.Close)
 	no := false
 	yes := true
 	if err := m.Configure(Telemetry{StatsdAddr: statsd.LocalAddr().String(), DisableHostname: &yes, FilterDefault: &no, AllowedPrefixes: []string{"inbound"}}); err != nil {

@@ -120,8 +120,40 @@ func (p *Proxy) newStats(kind, name string, srv *server, labels []metrics.Label)
 		l.rxKey, l.txKey, l.durKey = metrics.UpstreamRxBytes, metrics.UpstreamTxBytes, metrics.UpstreamDuration
 		l.gauge = p.gaugeFor(metrics.UpstreamConns, labels)
 	}
+	p.declare(l)
 	p.listeners[l] = struct{}{}
 	return l
+}
+
+// declare makes a listener's series whose labels are known now exist at
+// zero (Prometheus only), so that alerts see them before the first event:
+// its byte counters and durations, its failure counters with every reason
+// of their fixed set, and its conns gauge. Series labelled with a peer's
+// service (inbound.denied) cannot be known in advance and appear on first
+// use; the endpoint and leaf gauges come with the flush that precedes
+// readiness.
+func (p *Proxy) declare(l *lstats) {
+	m := p.metrics
+	for _, k := range [][]string{l.rxKey, l.txKey, l.durKey} {
+		m.Declare(k, l.labels)
+	}
+	if l.kind == "inbound" {
+		withReason := func(key []string, reasons []string) {
+			for _, r := range reasons {
+				m.Declare(key, append(l.labels[:len(l.labels):len(l.labels)], metrics.Label{Name: "reason", Value: r}))
+			}
+		}
+		withReason(metrics.InboundHandshakeFailed, metrics.HandshakeFailedReasons)
+		withReason(metrics.InboundAppDialFailed, metrics.AppDialFailedReasons)
+		withReason(metrics.InboundConnsRefused, metrics.ConnsRefusedReasons)
+		if p.pool != nil {
+			withReason(metrics.InboundTunnelRefused, metrics.TunnelRefusedReasons)
+		}
+	} else {
+		m.Declare(metrics.UpstreamDialFailed, l.labels)
+		m.Declare(metrics.UpstreamDialRetries, l.labels)
+	}
+	l.gauge.emit(m)
 }
 
 // forget drops a drained listener's accounting.
@@ -155,6 +187,8 @@ func (p *Proxy) flushLoop() {
 // (one increment per listener and direction), re-emits the gauges, and
 // emits the runtime metrics.
 func (p *Proxy) flush() {
+	p.flushMu.Lock()
+	defer p.flushMu.Unlock()
 	p.mu.Lock()
 	ls := make([]*lstats, 0, len(p.listeners))
 	// Only the gauges of listeners still there (draining ones included):

@@ -18,6 +18,9 @@ type server struct {
 	ln     net.Listener
 	handle handler
 	log    hclog.Logger
+	// admit, if set, decides on every accepted connection before a
+	// goroutine is started for it; a refused one is closed at once.
+	admit func() bool
 
 	ctx    context.Context // cancelled when connections must be abandoned
 	cancel context.CancelFunc
@@ -32,6 +35,7 @@ type server struct {
 	wg      sync.WaitGroup // accept loop + handlers
 
 	accepted atomic.Int64
+	refused  atomic.Int64 // by admit
 	// forced is set when Shutdown's grace ran out and it closed the
 	// connections still open, so that they are reported as "shutdown".
 	forced atomic.Bool
@@ -42,9 +46,9 @@ type server struct {
 // that (the copy loop runs on goroutines of its own).
 type handler func(ctx context.Context, c net.Conn, release func())
 
-func newServer(name string, ln net.Listener, log hclog.Logger, handle handler) *server {
+func newServer(name string, ln net.Listener, log hclog.Logger, admit func() bool, handle handler) *server {
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &server{name: name, ln: ln, handle: handle, log: log, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]*liveConn)}
+	s := &server{name: name, ln: ln, handle: handle, admit: admit, log: log, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]*liveConn)}
 	s.drainCtx, s.drainStart = context.WithCancel(context.Background())
 	s.wg.Add(1)
 	go s.serve()
@@ -79,6 +83,12 @@ func (s *server) serve() {
 		if !s.track(c) {
 			c.Close()
 			return
+		}
+		if s.admit != nil && !s.admit() {
+			s.untrack(c)
+			s.refused.Add(1)
+			c.Close()
+			continue
 		}
 		s.wg.Add(1)
 		var once sync.Once

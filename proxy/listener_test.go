@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/straitproxy/strait/internal/testutil"
 )
 
 // TestServerShutdownDrains: Shutdown stops accepting at once, lets a live
@@ -25,7 +27,7 @@ func TestServerShutdownDrains(t *testing.T) {
 		defer c.Close()
 		io.Copy(c, c)
 	}
-	s := newServer("test", ln, hclog.NewNullLogger(), echo)
+	s := newServer("test", ln, hclog.NewNullLogger(), nil, echo)
 	c, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
@@ -83,7 +85,7 @@ func TestServerShutdownForces(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := newServer("test", ln, hclog.NewNullLogger(), func(_ context.Context, c net.Conn, release func()) {
+	s := newServer("test", ln, hclog.NewNullLogger(), nil, func(_ context.Context, c net.Conn, release func()) {
 		defer release()
 		defer c.Close()
 		io.Copy(io.Discard, c)
@@ -93,12 +95,8 @@ func TestServerShutdownForces(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	for deadline := time.Now().Add(5 * time.Second); s.Active() == 0; {
-		if time.Now().After(deadline) {
-			t.Fatal("connection never tracked")
-		}
-		time.Sleep(time.Millisecond) // poll: the accept loop registers the connection
-	}
+	// The accept loop registers the connection.
+	testutil.Eventually(t, "the connection to be tracked", func() bool { return s.Active() != 0 })
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	s.Shutdown(ctx)

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -78,6 +79,13 @@ type Options struct {
 	// TunnelBudget bounds the receive-window growth of one tunnel's
 	// streams together, in bytes; zero means tunnel.DefaultTunnelBudget.
 	TunnelBudget int64
+	// MaxInboundConnections, when positive, overrides the configuration's
+	// Public.MaxInboundConnections (the registration's
+	// max_inbound_connections); see admission.
+	MaxInboundConnections int
+	// MaxHandshakes bounds inbound TLS handshakes in progress; zero means
+	// DefaultMaxHandshakes.
+	MaxHandshakes int
 }
 
 // Proxy runs the public listener and the upstream listeners of one Config
@@ -93,8 +101,10 @@ type Proxy struct {
 	ctx    context.Context // lives until Shutdown finishes
 	cancel context.CancelFunc
 	bg     sync.WaitGroup // watches and background drains
+	// flushMu serializes the periodic flush with the one Run does right
+	// after applying a configuration.
+	flushMu sync.Mutex
 
-	localDC string
 	src     *tlsutil.Source
 	az      *authz.Authorizer
 	service string
@@ -124,6 +134,10 @@ type Proxy struct {
 	inStreams       atomic.Int64 // inbound streams active
 	// lines rate-limits refusal log lines per tunnel and per source.
 	lines *lineLimiter
+
+	admit         *admission // the public listener's limits
+	regMaxInbound int        // the registration's max_inbound_connections, under mu
+	refusalCounters
 }
 
 type publicListener struct {
@@ -165,7 +179,7 @@ func New(opts Options) *Proxy {
 		pool = &tunnel.Pool{MaxStreams: opts.TunnelMaxStreams, MaxTunnels: opts.TunnelMaxPerPeer, Budget: opts.TunnelBudget}
 	}
 	p := &Proxy{
-		pool: pool, lines: newLineLimiter(),
+		pool: pool, lines: newLineLimiter(), admit: newAdmission(opts.MaxHandshakes),
 		opts: opts, log: opts.Logger, access: opts.AccessLogger, metrics: m, watches: w, ctx: ctx, cancel: cancel,
 		upstreams: make(map[string]*upstreamListener),
 		listeners: make(map[*lstats]struct{}),
@@ -213,6 +227,9 @@ func (p *Proxy) Run(ctx context.Context, cfgs <-chan *config.Config) error {
 		p.fail(err)
 		return err
 	}
+	// The gauges of the new listeners (and the leaf's) now, not at the
+	// next tick: a ready proxy exposes them.
+	p.flush()
 	p.ready.Store(true)
 	p.setPhase(phaseReady)
 	p.log.Info("proxy ready", "service", first.Service, "public", p.publicAddr(), "upstreams", len(first.Upstreams))
@@ -232,6 +249,7 @@ func (p *Proxy) Run(ctx context.Context, cfgs <-chan *config.Config) error {
 			if err := p.apply(c); err != nil {
 				p.log.Error("applying new configuration failed; keeping the rest running", "error", err)
 			}
+			p.flush()
 			p.cfg.Store(c)
 		}
 	}
@@ -370,6 +388,9 @@ func (p *Proxy) apply(c *config.Config) error {
 		return nil
 	}
 	var errs []error
+	if c.Public != nil {
+		p.setMaxInbound(c.Public)
+	}
 
 	switch {
 	case c.Public == nil && p.public != nil:
@@ -421,6 +442,25 @@ func (p *Proxy) apply(c *config.Config) error {
 	return p.applyErr
 }
 
+// setMaxInbound applies the connection limit of pub, or the flag's, which
+// wins. Called under p.mu.
+func (p *Proxy) setMaxInbound(pub *config.Public) {
+	n, from := pub.MaxInboundConnections, "registration"
+	if p.opts.MaxInboundConnections > 0 {
+		n, from = p.opts.MaxInboundConnections, "flag"
+		if reg := pub.MaxInboundConnections; reg > 0 && reg != p.regMaxInbound {
+			p.log.Warn("-max-inbound-connections overrides the registration's max_inbound_connections", "flag", n, "registration", reg)
+		}
+	}
+	p.regMaxInbound = pub.MaxInboundConnections
+	if p.admit.setMaxConns(n) {
+		if n == 0 {
+			from = "none"
+		}
+		p.log.Info("inbound connection limit", "max_inbound_connections", n, "from", from, "max_handshakes", p.admit.maxHandshakes)
+	}
+}
+
 func (p *Proxy) drainLater(l *lstats) {
 	d := p.opts.DrainTimeout
 	if d <= 0 {
@@ -463,7 +503,7 @@ func (p *Proxy) listenPublic(c *config.Public) (*publicListener, error) {
 	pl.cfg.Store(&pub)
 	tlsCfg := p.src.ServerConfig(p.authorize)
 	ready := make(chan struct{})
-	pl.srv = newServer("public", ln, p.log, func(ctx context.Context, conn net.Conn, release func()) {
+	pl.srv = newServer("public", ln, p.log, p.admitHandshake, func(ctx context.Context, conn net.Conn, release func()) {
 		<-ready
 		p.handleInbound(ctx, conn, pl, tlsCfg, release)
 	})
@@ -498,7 +538,7 @@ func (p *Proxy) listenUpstream(u config.Upstream) (*upstreamListener, error) {
 	p.bg.Go(func() { up.Run(ctx) })
 	ul := &upstreamListener{cfg: u, up: up, cancel: cancel}
 	ready := make(chan struct{})
-	ul.srv = newServer("upstream "+u.DestinationName, ln, p.log, func(ctx context.Context, conn net.Conn, release func()) {
+	ul.srv = newServer("upstream "+u.DestinationName, ln, p.log, nil, func(ctx context.Context, conn net.Conn, release func()) {
 		<-ready
 		p.handleUpstream(ctx, conn, ul, release)
 	})
@@ -510,11 +550,25 @@ func (p *Proxy) listenUpstream(u config.Upstream) (*upstreamListener, error) {
 	return ul, nil
 }
 
-// listenUnix binds a unix socket, replacing a stale socket file left by a
-// previous run, and applies mode.
+// listenUnix binds a unix socket and applies mode; mode 0 leaves the socket
+// as the umask makes it (0777 &^ umask), as Envoy does. A socket file
+// already at path is removed only when stale: if something accepts on it,
+// another process owns the path and listenUnix fails.
 func listenUnix(path string, mode os.FileMode) (net.Listener, error) {
 	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
-		os.Remove(path)
+		d := net.Dialer{Timeout: time.Second}
+		c, err := d.Dial("unix", path)
+		switch {
+		case err == nil:
+			c.Close()
+			return nil, fmt.Errorf("unix socket %s: address in use by another process", path)
+		case errors.Is(err, syscall.ECONNREFUSED): // nobody listens: stale
+			if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return nil, fmt.Errorf("removing stale unix socket %s: %w", path, err)
+			}
+		default: // EAGAIN (full backlog: live), EACCES, ...: leave it alone
+			return nil, fmt.Errorf("unix socket %s exists and may be in use: %w", path, err)
+		}
 	}
 	ln, err := net.Listen("unix", path)
 	if err != nil {
@@ -555,23 +609,28 @@ func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *publicList
 	cfg := pl.cfg.Load()
 	rec := &accessRecord{dir: "inbound", dest: p.service, endpoint: cfg.LocalServiceAddress,
 		remote: addrString(conn.RemoteAddr()), start: time.Now(), limitKey: remoteIP(conn)}
+	// The accept loop took a handshake slot (admission) for conn.
 	hctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeoutOrDefault())
 	tc := tls.Server(conn, tlsCfg)
 	err := tc.HandshakeContext(hctx)
 	cancel()
 	if err != nil {
+		p.admit.releaseHandshake()
 		tc.Close()
 		p.refused(rec, err)
 		release()
 		return
 	}
 	if tc.ConnectionState().NegotiatedProtocol == tlsutil.ALPNMux {
+		// A tunnel holds no slot: each of its streams takes one.
+		p.admit.releaseHandshake()
 		defer release()
 		p.serveTunnel(ctx, conn, tc, pl)
 		return
 	}
+	p.admit.promote()
 	rec.source = peerID(tc)
-	p.serveInbound(ctx, inbound{raw: conn, conn: tc, tc: tc, rec: rec}, pl, release)
+	p.serveInbound(ctx, inbound{raw: conn, conn: tc, tc: tc, rec: rec}, pl, p.releasingConn(release))
 }
 
 // inbound is an authenticated inbound connection on its way to the app: a

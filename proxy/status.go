@@ -206,6 +206,9 @@ type ListenerStats struct {
 	Active   int   `json:"active"`
 	Accepted int64 `json:"accepted"`
 	Proxied  int64 `json:"proxied"`
+	// Refused counts accepted connections closed at once by a limit
+	// (max_inbound_connections, max_handshakes).
+	Refused int64 `json:"refused"`
 	// RxBytes and TxBytes are bytes from and to the accepted side, as
 	// reported at close and by the shared flush.
 	RxBytes int64 `json:"rx_bytes"`
@@ -219,7 +222,7 @@ func (p *Proxy) Listeners() []ListenerStats {
 	for l := range p.listeners {
 		out = append(out, ListenerStats{
 			Name: l.name, Kind: l.kind, Addr: l.addr, Draining: l.draining.Load(),
-			Active: l.srv.Active(), Accepted: l.srv.accepted.Load(), Proxied: l.proxied.Load(),
+			Active: l.srv.Active(), Accepted: l.srv.accepted.Load(), Proxied: l.proxied.Load(), Refused: l.srv.refused.Load(),
 			RxBytes: l.rx.Load(), TxBytes: l.tx.Load(),
 		})
 	}

@@ -2,14 +2,19 @@ package proxy
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"slices"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/straitproxy/strait/internal/watch"
 	"github.com/straitproxy/strait/metrics"
+	"github.com/straitproxy/strait/tlsutil"
 )
 
 // TestWatchTracker: failing watches are listed (network failures as
@@ -35,12 +40,13 @@ func TestWatchTracker(t *testing.T) {
 	}
 	var b bytes.Buffer
 	m.WritePrometheus(&b)
-	if !strings.Contains(b.String(), `watch_errors{watch="ca-roots"} 2`+"\n") || !strings.Contains(b.String(), `watch_errors{watch="intentions for web"} 1`+"\n") {
+	if !strings.Contains(b.String(), `watch_errors_total{watch="ca-roots"} 2`+"\n") || !strings.Contains(b.String(), `watch_errors_total{watch="intentions for web"} 1`+"\n") {
 		t.Fatalf("metrics:\n%s", b.String())
 	}
 }
 
 func TestHandshakeFailureLabels(t *testing.T) {
+	seen := map[string]bool{}
 	for _, tc := range []struct {
 		err           error
 		reason, label string
@@ -49,9 +55,35 @@ func TestHandshakeFailureLabels(t *testing.T) {
 		{fmt.Errorf("x: %w", errDeadline()), ReasonHandshakeTimeout, "timeout"},
 		{errors.New("tls: client didn't provide a certificate"), ReasonHandshakeFailed, "no_client_cert"},
 		{errors.New("tls: first record does not look like a TLS handshake"), ReasonHandshakeFailed, "tls_error"},
+		{fmt.Errorf("x: %w", tlsutil.ErrNoPeerCert), ReasonHandshakeFailed, "no_client_cert"},
+		{fmt.Errorf("x: %w", tlsutil.ErrUntrustedChain), ReasonHandshakeFailed, "untrusted_chain"},
+		{fmt.Errorf("x: %w", tlsutil.ErrWrongTrustDom), ReasonHandshakeFailed, "wrong_trust_domain"},
+		{fmt.Errorf("x: %w", tlsutil.ErrNotServiceIdent), ReasonHandshakeFailed, "not_a_service"},
+		{fmt.Errorf("x: %w", tlsutil.ErrNotReady), ReasonHandshakeFailed, "not_ready"},
+		{fmt.Errorf("x: %w", tlsutil.ErrLeafExpired), ReasonHandshakeFailed, "leaf_expired"},
+		{fmt.Errorf("x: %w", io.EOF), ReasonHandshakeFailed, "peer_closed"},
+		{fmt.Errorf("x: %w", context.Canceled), ReasonShutdown, "shutdown"},
 	} {
-		if r, l := handshakeFailure(tc.err); r != tc.reason || l != tc.label {
+		r, l := handshakeFailure(tc.err)
+		if r != tc.reason || l != tc.label {
 			t.Errorf("handshakeFailure(%v) = %s, %s; want %s, %s", tc.err, r, l, tc.reason, tc.label)
+		}
+		seen[l] = true
+	}
+	// Every label is declared at zero at start, and every declared one
+	// can occur.
+	for _, r := range metrics.HandshakeFailedReasons {
+		if !seen[r] {
+			t.Errorf("metrics.HandshakeFailedReasons has %q, which handshakeFailure never returns here", r)
+		}
+		delete(seen, r)
+	}
+	if len(seen) > 0 {
+		t.Errorf("handshakeFailure labels missing from metrics.HandshakeFailedReasons: %v", seen)
+	}
+	for _, err := range []error{syscall.ECONNREFUSED, errors.New("no route")} {
+		if r := appDialFailure(err); !slices.Contains(metrics.AppDialFailedReasons, r) {
+			t.Errorf("appDialFailure(%v) = %q, not in metrics.AppDialFailedReasons", err, r)
 		}
 	}
 }

@@ -75,9 +75,12 @@ func (p *Proxy) serveTunnel(ctx context.Context, raw net.Conn, tc *tls.Conn, pl 
 		// Serve runs this before it returns, so Add comes before Wait.
 		live.Add(1)
 		p.inStreams.Add(1)
+		release := p.admitStream(c, func() { p.inStreams.Add(-1); live.Done() })
+		if release == nil {
+			return
+		}
 		rec := &accessRecord{dir: "inbound", dest: p.service, remote: remote, start: time.Now(), source: peer, limitKey: limitKey}
-		p.serveInbound(ctx, inbound{raw: c, conn: c, tc: tc, stream: c, service: svc, rec: rec}, pl,
-			func() { p.inStreams.Add(-1); live.Done() })
+		p.serveInbound(ctx, inbound{raw: c, conn: c, tc: tc, stream: c, service: svc, rec: rec}, pl, release)
 	}, func(err error) {
 		reason := "bad_header"
 		switch {

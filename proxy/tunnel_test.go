@@ -135,15 +135,9 @@ func TestTunnelStreamForAnotherService(t *testing.T) {
 	tc := h.dialMux(t)
 	var pool tunnel.Pool
 	defer pool.Close()
-	c, err := pool.Adopt("k", nil, tc, "db")
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.Write([]byte("GET /secrets"))
-	c.CloseWrite()
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if b, _ := io.ReadAll(c); len(b) != 0 {
-		t.Fatalf("read %q from a stream for another service", b)
+	// The server refuses the stream before any application byte is sent.
+	if _, err := pool.Adopt(context.Background(), "k", nil, tc, "db"); !errors.Is(err, tunnel.ErrDenied) {
+		t.Fatalf("stream for another service: %v", err)
 	}
 	want(t, h.access.next(t), map[string]any{"direction": "inbound", "reason": ReasonDenied, "detail": "~db", "tx_bytes": 0})
 	// The tunnel stays usable for our own service.
@@ -162,7 +156,7 @@ func TestTunnelsPerPeerLimit(t *testing.T) {
 	dial := func() *tls.Conn { return h.dialMux(t) }
 	var pool tunnel.Pool
 	defer pool.Close()
-	first, err := pool.Adopt("first", nil, dial(), "web")
+	first, err := pool.Adopt(context.Background(), "first", nil, dial(), "web")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -173,14 +167,10 @@ func TestTunnelsPerPeerLimit(t *testing.T) {
 		}
 		return nil
 	})
-	second, err := pool.Adopt("second", nil, dial(), "web")
-	if err != nil {
-		t.Fatal(err)
-	}
-	second.Write([]byte("two"))
-	second.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if b, err := io.ReadAll(second); len(b) != 0 || !errors.Is(err, tunnel.ErrTunnelLost) {
-		t.Fatalf("second tunnel from the same peer: read %q, %v", b, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := pool.Adopt(ctx, "second", nil, dial(), "web"); err == nil || ctx.Err() != nil {
+		t.Fatalf("second tunnel from the same peer: %v", err)
 	}
 	c, err := pool.Open(context.Background(), "first", nil, "web", nil)
 	if err != nil {

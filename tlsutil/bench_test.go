@@ -5,6 +5,8 @@ import (
 	"crypto/tls"
 	"net"
 	"testing"
+
+	"github.com/straitproxy/strait/internal/testutil"
 )
 
 // BenchmarkHandshake measures one mutual-TLS handshake with the peer check
@@ -27,10 +29,10 @@ func BenchmarkHandshake(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			ca := newTestCA(b, testTD)
-			roots := rootList(testTD, ca)
-			db := newTestSource(b, "db", ca.leaf(b, "db", leafOpts{}), roots)
-			web := newTestSource(b, "web", ca.leaf(b, "web", leafOpts{}), roots)
+			ca := testutil.NewCA(b, testTD)
+			roots := testutil.RootList(testTD, ca)
+			db := newTestSource(b, "db", ca.Leaf(b, "db", testutil.LeafOptions{}), roots)
+			web := newTestSource(b, "web", ca.Leaf(b, "web", testutil.LeafOptions{}), roots)
 			db.curves, web.curves = curves, curves
 			srvCfg := db.ServerConfig(func(context.Context, Identity, string) error { return nil })
 			opts := ClientOptions{}

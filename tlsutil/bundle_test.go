@@ -9,13 +9,15 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+
+	"github.com/straitproxy/strait/internal/testutil"
 )
 
 func TestNewBundleOK(t *testing.T) {
 	t.Parallel()
-	ca := newTestCA(t, testTD)
-	l := ca.leaf(t, "web", leafOpts{})
-	b, err := NewBundle(&l.cert, rootList(testTD, ca))
+	ca := testutil.NewCA(t, testTD)
+	l := ca.Leaf(t, "web", testutil.LeafOptions{})
+	b, err := NewBundle(&l.Cert, testutil.RootList(testTD, ca))
 	if err != nil {
 		t.Fatalf("NewBundle: %v", err)
 	}
@@ -25,19 +27,19 @@ func TestNewBundleOK(t *testing.T) {
 	if b.TrustDomain != testTD {
 		t.Errorf("TrustDomain = %q, want %q", b.TrustDomain, testTD)
 	}
-	if b.LeafSerial != l.serial {
-		t.Errorf("LeafSerial = %q, want %q", b.LeafSerial, l.serial)
+	if b.LeafSerial != l.Serial {
+		t.Errorf("LeafSerial = %q, want %q", b.LeafSerial, l.Serial)
 	}
-	if !b.NotAfter.Equal(l.x.NotAfter) || !b.NotBefore.Equal(l.x.NotBefore) {
-		t.Errorf("validity = %v..%v, want %v..%v", b.NotBefore, b.NotAfter, l.x.NotBefore, l.x.NotAfter)
+	if !b.NotAfter.Equal(l.X509.NotAfter) || !b.NotBefore.Equal(l.X509.NotBefore) {
+		t.Errorf("validity = %v..%v, want %v..%v", b.NotBefore, b.NotAfter, l.X509.NotBefore, l.X509.NotAfter)
 	}
-	if !slices.Equal(b.RootIDs, []string{ca.id}) {
-		t.Errorf("RootIDs = %v, want [%s]", b.RootIDs, ca.id)
+	if !slices.Equal(b.RootIDs, []string{ca.ID}) {
+		t.Errorf("RootIDs = %v, want [%s]", b.RootIDs, ca.ID)
 	}
 	if b.Leaf == nil || b.Leaf.Leaf == nil {
 		t.Fatal("bundle leaf is not parsed")
 	}
-	if b.Leaf.Leaf.SerialNumber.Cmp(l.x.SerialNumber) != 0 {
+	if b.Leaf.Leaf.SerialNumber.Cmp(l.X509.SerialNumber) != 0 {
 		t.Error("bundle leaf is not the given leaf")
 	}
 	if _, err := b.Leaf.Leaf.Verify(x509.VerifyOptions{Roots: b.Roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
@@ -47,32 +49,32 @@ func TestNewBundleOK(t *testing.T) {
 
 func TestNewBundleIntermediate(t *testing.T) {
 	t.Parallel()
-	root := newTestCA(t, testTD)
-	inter := root.intermediate(t)
-	l := inter.leaf(t, "web", leafOpts{})
-	if len(l.cert.Certificate) != 2 {
-		t.Fatalf("chain has %d certificates, want leaf + intermediate", len(l.cert.Certificate))
+	root := testutil.NewCA(t, testTD)
+	inter := root.Intermediate(t)
+	l := inter.Leaf(t, "web", testutil.LeafOptions{})
+	if len(l.Cert.Certificate) != 2 {
+		t.Fatalf("chain has %d certificates, want leaf + intermediate", len(l.Cert.Certificate))
 	}
-	b, err := NewBundle(&l.cert, rootList(testTD, root))
+	b, err := NewBundle(&l.Cert, testutil.RootList(testTD, root))
 	if err != nil {
 		t.Fatalf("NewBundle with an intermediate in the chain: %v", err)
 	}
-	if b.LeafSerial != l.serial {
-		t.Errorf("LeafSerial = %q, want %q", b.LeafSerial, l.serial)
+	if b.LeafSerial != l.Serial {
+		t.Errorf("LeafSerial = %q, want %q", b.LeafSerial, l.Serial)
 	}
 
 	// Without the intermediate the leaf does not chain.
-	bare := tls.Certificate{Certificate: l.cert.Certificate[:1], PrivateKey: l.cert.PrivateKey}
-	if _, err := NewBundle(&bare, rootList(testTD, root)); err == nil {
+	bare := tls.Certificate{Certificate: l.Cert.Certificate[:1], PrivateKey: l.Cert.PrivateKey}
+	if _, err := NewBundle(&bare, testutil.RootList(testTD, root)); err == nil {
 		t.Fatal("NewBundle accepted a leaf whose intermediate is missing")
 	}
 }
 
 func TestNewBundleRejects(t *testing.T) {
 	t.Parallel()
-	ca := newTestCA(t, testTD)
-	other := newTestCA(t, testTD)
-	good := ca.leaf(t, "web", leafOpts{})
+	ca := testutil.NewCA(t, testTD)
+	other := testutil.NewCA(t, testTD)
+	good := ca.Leaf(t, "web", testutil.LeafOptions{})
 
 	tests := []struct {
 		name    string
@@ -82,55 +84,55 @@ func TestNewBundleRejects(t *testing.T) {
 	}{
 		{
 			name:    "leaf from another CA",
-			leaf:    &other.leaf(t, "web", leafOpts{}).cert,
-			roots:   rootList(testTD, ca),
+			leaf:    &other.Leaf(t, "web", testutil.LeafOptions{}).Cert,
+			roots:   testutil.RootList(testTD, ca),
 			wantErr: "chain",
 		},
 		{
 			name:    "leaf trust domain differs from the roots'",
-			leaf:    &ca.leaf(t, "web", leafOpts{td: "99999999-0000-0000-0000-000000000000.consul"}).cert,
-			roots:   rootList(testTD, ca),
+			leaf:    &ca.Leaf(t, "web", testutil.LeafOptions{TrustDomain: "99999999-0000-0000-0000-000000000000.consul"}).Cert,
+			roots:   testutil.RootList(testTD, ca),
 			wantErr: "trust domain",
 		},
 		{
 			name:    "roots name another trust domain",
-			leaf:    &good.cert,
-			roots:   rootList("99999999-0000-0000-0000-000000000000.consul", ca),
+			leaf:    &good.Cert,
+			roots:   testutil.RootList("99999999-0000-0000-0000-000000000000.consul", ca),
 			wantErr: "trust domain",
 		},
 		{
 			name:    "empty certificate",
 			leaf:    &tls.Certificate{},
-			roots:   rootList(testTD, ca),
+			roots:   testutil.RootList(testTD, ca),
 			wantErr: "empty",
 		},
 		{
 			name:    "garbage DER",
 			leaf:    &tls.Certificate{Certificate: [][]byte{[]byte("nope")}},
-			roots:   rootList(testTD, ca),
+			roots:   testutil.RootList(testTD, ca),
 			wantErr: "parsing leaf",
 		},
 		{
 			name:    "no URI SAN",
-			leaf:    &ca.leaf(t, "web", leafOpts{noURI: true}).cert,
-			roots:   rootList(testTD, ca),
+			leaf:    &ca.Leaf(t, "web", testutil.LeafOptions{NoURI: true}).Cert,
+			roots:   testutil.RootList(testTD, ca),
 			wantErr: "URI",
 		},
 		{
 			name:    "URI SAN not a Consul form",
-			leaf:    &ca.leaf(t, "web", leafOpts{uri: "spiffe://" + testTD + "/workload/web"}).cert,
-			roots:   rootList(testTD, ca),
+			leaf:    &ca.Leaf(t, "web", testutil.LeafOptions{URI: "spiffe://" + testTD + "/workload/web"}).Cert,
+			roots:   testutil.RootList(testTD, ca),
 			wantErr: "identity",
 		},
 		{
 			name:    "expired leaf",
-			leaf:    &ca.leaf(t, "web", expiredOpts()).cert,
-			roots:   rootList(testTD, ca),
+			leaf:    &ca.Leaf(t, "web", expiredOpts()).Cert,
+			roots:   testutil.RootList(testTD, ca),
 			wantErr: "chain",
 		},
 		{
 			name: "root without a certificate",
-			leaf: &good.cert,
+			leaf: &good.Cert,
 			roots: &api.CARootList{TrustDomain: testTD, ActiveRootID: "x", Roots: []*api.CARoot{
 				{ID: "x", RootCertPEM: "not pem", Active: true},
 			}},
@@ -138,7 +140,7 @@ func TestNewBundleRejects(t *testing.T) {
 		},
 		{
 			name:    "no roots",
-			leaf:    &good.cert,
+			leaf:    &good.Cert,
 			roots:   &api.CARootList{TrustDomain: testTD},
 			wantErr: "chain",
 		},
@@ -162,15 +164,15 @@ func TestNewBundleRejects(t *testing.T) {
 
 func TestNewBundleTrustDomainCase(t *testing.T) {
 	t.Parallel()
-	ca := newTestCA(t, testTD)
-	l := ca.leaf(t, "web", leafOpts{})
+	ca := testutil.NewCA(t, testTD)
+	l := ca.Leaf(t, "web", testutil.LeafOptions{})
 	// The agent's trust domain is compared case-insensitively.
-	if _, err := NewBundle(&l.cert, rootList(strings.ToUpper(testTD), ca)); err != nil {
+	if _, err := NewBundle(&l.Cert, testutil.RootList(strings.ToUpper(testTD), ca)); err != nil {
 		t.Fatalf("NewBundle with an upper-case roots trust domain: %v", err)
 	}
 	// No trust domain in the root list: the leaf's is used.
-	roots := rootList("", ca)
-	b, err := NewBundle(&l.cert, roots)
+	roots := testutil.RootList("", ca)
+	b, err := NewBundle(&l.Cert, roots)
 	if err != nil {
 		t.Fatalf("NewBundle without a roots trust domain: %v", err)
 	}
@@ -181,29 +183,29 @@ func TestNewBundleTrustDomainCase(t *testing.T) {
 
 func TestNewBundleRotation(t *testing.T) {
 	t.Parallel()
-	oldCA := newTestCA(t, testTD)
-	newCA := newTestCA(t, testTD)
-	roots := rootList(testTD, newCA, oldCA) // new active, old still trusted
-	for name, ca := range map[string]*testCA{"old": oldCA, "new": newCA} {
-		l := ca.leaf(t, "web", leafOpts{})
-		b, err := NewBundle(&l.cert, roots)
+	oldCA := testutil.NewCA(t, testTD)
+	newCA := testutil.NewCA(t, testTD)
+	roots := testutil.RootList(testTD, newCA, oldCA) // new active, old still trusted
+	for name, ca := range map[string]*testutil.CA{"old": oldCA, "new": newCA} {
+		l := ca.Leaf(t, "web", testutil.LeafOptions{})
+		b, err := NewBundle(&l.Cert, roots)
 		if err != nil {
 			t.Fatalf("leaf from the %s root during rotation: %v", name, err)
 		}
-		if !slices.Equal(b.RootIDs, []string{newCA.id, oldCA.id}) {
+		if !slices.Equal(b.RootIDs, []string{newCA.ID, oldCA.ID}) {
 			t.Fatalf("RootIDs = %v, want both roots", b.RootIDs)
 		}
 		// Peers from either root verify.
-		for peerName, peerCA := range map[string]*testCA{"old": oldCA, "new": newCA} {
-			p := peerCA.leaf(t, "api", leafOpts{})
-			if _, _, err := verifyPeer(b, []*x509.Certificate{p.x}, x509.ExtKeyUsageClientAuth); err != nil {
+		for peerName, peerCA := range map[string]*testutil.CA{"old": oldCA, "new": newCA} {
+			p := peerCA.Leaf(t, "api", testutil.LeafOptions{})
+			if _, _, err := verifyPeer(b, []*x509.Certificate{p.X509}, x509.ExtKeyUsageClientAuth); err != nil {
 				t.Errorf("bundle from %s leaf: peer from %s root refused: %v", name, peerName, err)
 			}
 		}
 	}
 	// After rotation completes the old root is gone and its leaves fail.
-	l := oldCA.leaf(t, "web", leafOpts{})
-	if _, err := NewBundle(&l.cert, rootList(testTD, newCA)); err == nil {
+	l := oldCA.Leaf(t, "web", testutil.LeafOptions{})
+	if _, err := NewBundle(&l.Cert, testutil.RootList(testTD, newCA)); err == nil {
 		t.Fatal("leaf from a removed root accepted")
 	}
 }
@@ -227,6 +229,6 @@ func TestFormatSerial(t *testing.T) {
 	}
 }
 
-func expiredOpts() leafOpts {
-	return leafOpts{notBefore: time.Now().Add(-3 * time.Hour), notAfter: time.Now().Add(-time.Hour)}
+func expiredOpts() testutil.LeafOptions {
+	return testutil.LeafOptions{NotBefore: time.Now().Add(-3 * time.Hour), NotAfter: time.Now().Add(-time.Hour)}
 }

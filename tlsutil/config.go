@@ -246,7 +246,9 @@ func sameIdentity(a, b Identity) bool {
 // verifyCache maps a peer leaf (its DER bytes) and key usage to the result
 // of verifying it against one Bundle's roots. Entries expire with the
 // earliest NotAfter of the verified chain; the cache stops growing at
-// verifyCacheMax entries (a mesh has far fewer distinct peer leaves).
+// verifyCacheMax entries (a mesh has far fewer distinct peer leaves). n
+// counts the entries: it changes only with an insert or delete that
+// happened, so it never drifts from the map's size.
 type verifyCache struct {
 	m sync.Map // verifyKey -> verified
 	n atomic.Int64
@@ -272,19 +274,24 @@ func (c *verifyCache) get(leaf *x509.Certificate, usage x509.ExtKeyUsage) (verif
 	}
 	e := v.(verified)
 	if !time.Now().Before(e.notAfter) {
-		c.m.Delete(verifyKey{string(leaf.Raw), usage})
-		c.n.Add(-1)
+		// Only the caller that removes this very entry counts it: another
+		// may have removed it already, or replaced it with a fresh one.
+		if c.m.CompareAndDelete(verifyKey{string(leaf.Raw), usage}, e) {
+			c.n.Add(-1)
+		}
 		return verified{}, false
 	}
 	return e, true
 }
 
 func (c *verifyCache) put(leaf *x509.Certificate, usage x509.ExtKeyUsage, v verified) {
-	if c.n.Load() >= verifyCacheMax {
+	// Reserve a slot first, so that racing puts cannot overshoot the bound.
+	if c.n.Add(1) > verifyCacheMax {
+		c.n.Add(-1)
 		return
 	}
-	if _, loaded := c.m.LoadOrStore(verifyKey{string(leaf.Raw), usage}, v); !loaded {
-		c.n.Add(1)
+	if _, loaded := c.m.LoadOrStore(verifyKey{string(leaf.Raw), usage}, v); loaded {
+		c.n.Add(-1)
 	}
 }
 

@@ -13,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/straitproxy/strait/internal/testutil"
 )
 
 // ---- loopback TLS harness ----
@@ -215,9 +217,9 @@ var tlsVersions = []struct {
 
 // mesh is a db server and a web client under one CA.
 type mesh struct {
-	ca          *testCA
-	dbLeaf      *testLeaf
-	webLeaf     *testLeaf
+	ca          *testutil.CA
+	dbLeaf      *testutil.Leaf
+	webLeaf     *testutil.Leaf
 	db, web     *Source
 	auth        *authRecorder
 	srv         *tlsServer
@@ -228,10 +230,10 @@ type mesh struct {
 
 func newMesh(t *testing.T) *mesh {
 	t.Helper()
-	m := &mesh{ca: newTestCA(t, testTD), auth: &authRecorder{}, sniSeen: make(chan string, 64)}
-	roots := rootList(testTD, m.ca)
-	m.dbLeaf = m.ca.leaf(t, "db", leafOpts{})
-	m.webLeaf = m.ca.leaf(t, "web", leafOpts{})
+	m := &mesh{ca: testutil.NewCA(t, testTD), auth: &authRecorder{}, sniSeen: make(chan string, 64)}
+	roots := testutil.RootList(testTD, m.ca)
+	m.dbLeaf = m.ca.Leaf(t, "db", testutil.LeafOptions{})
+	m.webLeaf = m.ca.Leaf(t, "web", testutil.LeafOptions{})
 	m.db = newTestSource(t, "db", m.dbLeaf, roots)
 	m.web = newTestSource(t, "web", m.webLeaf, roots)
 	m.dbID = ServiceID(testTD, "", "", "dc1", "db")
@@ -294,11 +296,11 @@ func TestServerMutualTLS(t *testing.T) {
 			if cs.NegotiatedProtocol != ALPNStrait {
 				t.Errorf("ALPN %q negotiated between two strait ends, want %q (TestALPNStrait covers other clients)", cs.NegotiatedProtocol, ALPNStrait)
 			}
-			if got := FormatSerial(cs.PeerCertificates[0].SerialNumber.Bytes()); got != m.dbLeaf.serial {
-				t.Errorf("client saw server serial %s, want %s", got, m.dbLeaf.serial)
+			if got := FormatSerial(cs.PeerCertificates[0].SerialNumber.Bytes()); got != m.dbLeaf.Serial {
+				t.Errorf("client saw server serial %s, want %s", got, m.dbLeaf.Serial)
 			}
-			if got := FormatSerial(res.state.PeerCertificates[0].SerialNumber.Bytes()); got != m.webLeaf.serial {
-				t.Errorf("server saw client serial %s, want %s", got, m.webLeaf.serial)
+			if got := FormatSerial(res.state.PeerCertificates[0].SerialNumber.Bytes()); got != m.webLeaf.Serial {
+				t.Errorf("server saw client serial %s, want %s", got, m.webLeaf.Serial)
 			}
 			calls := m.auth.get()
 			if len(calls) != 1 {
@@ -307,8 +309,8 @@ func TestServerMutualTLS(t *testing.T) {
 			if calls[0].peer != m.webID {
 				t.Errorf("authorizer peer %+v, want %+v", calls[0].peer, m.webID)
 			}
-			if calls[0].serial != m.webLeaf.serial {
-				t.Errorf("authorizer serial %q, want %q", calls[0].serial, m.webLeaf.serial)
+			if calls[0].serial != m.webLeaf.Serial {
+				t.Errorf("authorizer serial %q, want %q", calls[0].serial, m.webLeaf.Serial)
 			}
 			if !calls[0].ctxOK {
 				t.Error("authorizer got a nil or finished context")
@@ -329,7 +331,7 @@ func TestServerNilAuthorizerAllows(t *testing.T) {
 
 func TestServerRefusesBadClients(t *testing.T) {
 	t.Parallel()
-	other := newTestCA(t, testTD)
+	other := testutil.NewCA(t, testTD)
 	for _, tv := range tlsVersions {
 		t.Run(tv.name, func(t *testing.T) {
 			t.Parallel()
@@ -340,12 +342,12 @@ func TestServerRefusesBadClients(t *testing.T) {
 				wantErr error // nil: any error
 			}{
 				{"no certificate", nil, nil},
-				{"another CA", &other.leaf(t, "web", leafOpts{}).cert, ErrUntrustedChain},
-				{"another trust domain", &m.ca.leaf(t, "web", leafOpts{td: "99999999-0000-0000-0000-000000000000.consul"}).cert, ErrWrongTrustDom},
-				{"server-only EKU", &m.ca.leaf(t, "web", leafOpts{eku: ekuServer}).cert, ErrUntrustedChain},
-				{"not a service identity", &m.ca.leaf(t, "web", leafOpts{uri: "spiffe://" + testTD + "/agent/client/dc/dc1/id/n1"}).cert, ErrNotServiceIdent},
-				{"no URI SAN", &m.ca.leaf(t, "web", leafOpts{noURI: true}).cert, ErrNotServiceIdent},
-				{"expired", &m.ca.leaf(t, "web", expiredOpts()).cert, ErrUntrustedChain},
+				{"another CA", &other.Leaf(t, "web", testutil.LeafOptions{}).Cert, ErrUntrustedChain},
+				{"another trust domain", &m.ca.Leaf(t, "web", testutil.LeafOptions{TrustDomain: "99999999-0000-0000-0000-000000000000.consul"}).Cert, ErrWrongTrustDom},
+				{"server-only EKU", &m.ca.Leaf(t, "web", testutil.LeafOptions{EKU: testutil.EKUServer}).Cert, ErrUntrustedChain},
+				{"not a service identity", &m.ca.Leaf(t, "web", testutil.LeafOptions{URI: "spiffe://" + testTD + "/agent/client/dc/dc1/id/n1"}).Cert, ErrNotServiceIdent},
+				{"no URI SAN", &m.ca.Leaf(t, "web", testutil.LeafOptions{NoURI: true}).Cert, ErrNotServiceIdent},
+				{"expired", &m.ca.Leaf(t, "web", expiredOpts()).Cert, ErrUntrustedChain},
 			}
 			// Sequential: they share the server's result channel.
 			for _, tc := range tests {
@@ -369,13 +371,13 @@ func TestServerRefusesBadClients(t *testing.T) {
 func TestServerClientOnlyEKUAccepted(t *testing.T) {
 	t.Parallel()
 	m := newMesh(t)
-	l := m.ca.leaf(t, "web", leafOpts{eku: ekuClient})
-	mustConnect(t, m.srv.addr, foreignClient(tls.VersionTLS13, &l.cert))
+	l := m.ca.Leaf(t, "web", testutil.LeafOptions{EKU: testutil.EKUClient})
+	mustConnect(t, m.srv.addr, foreignClient(tls.VersionTLS13, &l.Cert))
 	if r := m.srv.next(t); r.err != nil {
 		t.Fatalf("client-auth-only leaf refused: %v", r.err)
 	}
-	if calls := m.auth.get(); len(calls) != 1 || calls[0].serial != l.serial {
-		t.Fatalf("authorizer calls %+v, want one with serial %s", calls, l.serial)
+	if calls := m.auth.get(); len(calls) != 1 || calls[0].serial != l.Serial {
+		t.Fatalf("authorizer calls %+v, want one with serial %s", calls, l.Serial)
 	}
 }
 
@@ -457,8 +459,8 @@ func TestServerResumptionReauthorizes(t *testing.T) {
 			if len(calls) != 2 {
 				t.Fatalf("authorizer called %d times after a resumed handshake, want 2", len(calls))
 			}
-			if calls[1].peer != m.webID || calls[1].serial != m.webLeaf.serial {
-				t.Fatalf("authorizer on resumption saw %+v, want %+v / %s", calls[1], m.webID, m.webLeaf.serial)
+			if calls[1].peer != m.webID || calls[1].serial != m.webLeaf.Serial {
+				t.Fatalf("authorizer on resumption saw %+v, want %+v / %s", calls[1], m.webID, m.webLeaf.Serial)
 			}
 			second.Close()
 
@@ -495,7 +497,7 @@ func TestServerExpiredLeaf(t *testing.T) {
 		t.Run(tv.name, func(t *testing.T) {
 			t.Parallel()
 			m := newMesh(t)
-			expired := m.ca.leaf(t, "db", expiredOpts())
+			expired := m.ca.Leaf(t, "db", expiredOpts())
 			s := NewSource(nil, "db", SourceOptions{})
 			storeBundle(s, unverifiedBundle(t, expired, m.ca))
 			srv := startTLSServer(t, s.ServerConfig(m.auth.authorize))
@@ -514,19 +516,19 @@ func TestServerExpiredLeaf(t *testing.T) {
 }
 
 // unverifiedBundle builds what NewBundle would for l, skipping its checks.
-func unverifiedBundle(t *testing.T, l *testLeaf, ca *testCA) *Bundle {
+func unverifiedBundle(t *testing.T, l *testutil.Leaf, ca *testutil.CA) *Bundle {
 	t.Helper()
-	id, err := ParseID(l.uri)
+	id, err := ParseID(l.URI)
 	if err != nil {
 		t.Fatal(err)
 	}
 	pool := x509.NewCertPool()
-	pool.AddCert(ca.cert)
-	cert := l.cert
-	cert.Leaf = l.x
+	pool.AddCert(ca.Cert)
+	cert := l.Cert
+	cert.Leaf = l.X509
 	return &Bundle{
-		Leaf: &cert, Identity: id, Roots: pool, RootIDs: []string{ca.id}, TrustDomain: ca.td,
-		LeafSerial: l.serial, NotAfter: l.x.NotAfter, NotBefore: l.x.NotBefore,
+		Leaf: &cert, Identity: id, Roots: pool, RootIDs: []string{ca.ID}, TrustDomain: ca.TrustDomain,
+		LeafSerial: l.Serial, NotAfter: l.X509.NotAfter, NotBefore: l.X509.NotBefore,
 	}
 }
 
@@ -597,7 +599,7 @@ func TestClientVerifiesServer(t *testing.T) {
 
 func TestClientRefusesBadServers(t *testing.T) {
 	t.Parallel()
-	other := newTestCA(t, testTD)
+	other := testutil.NewCA(t, testTD)
 	const otherTD = "99999999-0000-0000-0000-000000000000.consul"
 	m := newMesh(t)
 	tests := []struct {
@@ -605,10 +607,10 @@ func TestClientRefusesBadServers(t *testing.T) {
 		server  *Source
 		wantErr error
 	}{
-		{"another CA", newTestSource(t, "db", other.leaf(t, "db", leafOpts{}), rootList(testTD, other)), ErrUntrustedChain},
-		{"client-only EKU", newTestSource(t, "db", m.ca.leaf(t, "db", leafOpts{eku: ekuClient}), rootList(testTD, m.ca)), ErrUntrustedChain},
-		{"another trust domain", newTestSource(t, "db", m.ca.leaf(t, "db", leafOpts{td: otherTD}), rootList(otherTD, m.ca)), ErrWrongTrustDom},
-		{"mesh gateway identity", newTestSource(t, "db", m.ca.leaf(t, "db", leafOpts{uri: "spiffe://" + testTD + "/gateway/mesh/dc/dc1"}), rootList(testTD, m.ca)), ErrNotServiceIdent},
+		{"another CA", newTestSource(t, "db", other.Leaf(t, "db", testutil.LeafOptions{}), testutil.RootList(testTD, other)), ErrUntrustedChain},
+		{"client-only EKU", newTestSource(t, "db", m.ca.Leaf(t, "db", testutil.LeafOptions{EKU: testutil.EKUClient}), testutil.RootList(testTD, m.ca)), ErrUntrustedChain},
+		{"another trust domain", newTestSource(t, "db", m.ca.Leaf(t, "db", testutil.LeafOptions{TrustDomain: otherTD}), testutil.RootList(otherTD, m.ca)), ErrWrongTrustDom},
+		{"mesh gateway identity", newTestSource(t, "db", m.ca.Leaf(t, "db", testutil.LeafOptions{URI: "spiffe://" + testTD + "/gateway/mesh/dc/dc1"}), testutil.RootList(testTD, m.ca)), ErrNotServiceIdent},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -641,8 +643,8 @@ func TestClientConfigCachedPerKey(t *testing.T) {
 		t.Fatalf("config: ServerName %q MinVersion %x NextProtos %v", a.ServerName, a.MinVersion, a.NextProtos)
 	}
 	// New material drops the cache (and the session cache with it).
-	next := m.ca.leaf(t, "web", leafOpts{})
-	setMaterial(m.web, &next.cert, nil)
+	next := m.ca.Leaf(t, "web", testutil.LeafOptions{})
+	setMaterial(m.web, &next.Cert, nil)
 	if b := m.web.ClientConfig(m.dbID, m.sni, ClientOptions{}); a == b {
 		t.Fatal("config survived a rotation")
 	}
@@ -665,7 +667,7 @@ func TestClientExpiredLeaf(t *testing.T) {
 			t.Parallel()
 			m := newMesh(t)
 			s := NewSource(nil, "web", SourceOptions{})
-			storeBundle(s, unverifiedBundle(t, m.ca.leaf(t, "web", expiredOpts()), m.ca))
+			storeBundle(s, unverifiedBundle(t, m.ca.Leaf(t, "web", expiredOpts()), m.ca))
 			cfg := s.ClientConfig(m.dbID, m.sni, ClientOptions{}).Clone()
 			cfg.MaxVersion = tv.v
 			_, err := dialTLS(t, m.srv.addr, cfg)
@@ -695,20 +697,20 @@ func TestRotationServerLeaf(t *testing.T) {
 
 			old := mustConnect(t, m.srv.addr, cfg)
 			m.srv.next(t)
-			if got := FormatSerial(old.ConnectionState().PeerCertificates[0].SerialNumber.Bytes()); got != m.dbLeaf.serial {
-				t.Fatalf("first connection: serial %s, want %s", got, m.dbLeaf.serial)
+			if got := FormatSerial(old.ConnectionState().PeerCertificates[0].SerialNumber.Bytes()); got != m.dbLeaf.Serial {
+				t.Fatalf("first connection: serial %s, want %s", got, m.dbLeaf.Serial)
 			}
 
-			renewed := m.ca.leaf(t, "db", leafOpts{})
-			setMaterial(m.db, &renewed.cert, nil)
-			if got := m.db.Bundle().LeafSerial; got != renewed.serial {
-				t.Fatalf("bundle serial after rotation %s, want %s", got, renewed.serial)
+			renewed := m.ca.Leaf(t, "db", testutil.LeafOptions{})
+			setMaterial(m.db, &renewed.Cert, nil)
+			if got := m.db.Bundle().LeafSerial; got != renewed.Serial {
+				t.Fatalf("bundle serial after rotation %s, want %s", got, renewed.Serial)
 			}
 
 			fresh := mustConnect(t, m.srv.addr, cfg)
 			m.srv.next(t)
-			if got := FormatSerial(fresh.ConnectionState().PeerCertificates[0].SerialNumber.Bytes()); got != renewed.serial {
-				t.Fatalf("after rotation: serial %s, want %s", got, renewed.serial)
+			if got := FormatSerial(fresh.ConnectionState().PeerCertificates[0].SerialNumber.Bytes()); got != renewed.Serial {
+				t.Fatalf("after rotation: serial %s, want %s", got, renewed.Serial)
 			}
 			if err := roundTrip(old, "still there"); err != nil {
 				t.Fatalf("established connection broken by rotation: %v", err)
@@ -724,11 +726,11 @@ func TestRotationInconsistentMaterialKeepsBundle(t *testing.T) {
 	t.Parallel()
 	m := newMesh(t)
 	before := m.db.Bundle()
-	newCA := newTestCA(t, testTD)
+	newCA := testutil.NewCA(t, testTD)
 
 	// A leaf from a root we do not know yet is held back.
-	next := newCA.leaf(t, "db", leafOpts{})
-	setMaterial(m.db, &next.cert, nil)
+	next := newCA.Leaf(t, "db", testutil.LeafOptions{})
+	setMaterial(m.db, &next.Cert, nil)
 	if m.db.Bundle() != before {
 		t.Fatal("bundle replaced by a leaf that does not chain to the roots")
 	}
@@ -738,10 +740,10 @@ func TestRotationInconsistentMaterialKeepsBundle(t *testing.T) {
 	}
 
 	// Once the roots arrive, both apply.
-	setMaterial(m.db, nil, rootList(testTD, newCA, m.ca))
+	setMaterial(m.db, nil, testutil.RootList(testTD, newCA, m.ca))
 	b := m.db.Bundle()
-	if b == before || b.LeafSerial != next.serial || len(b.RootIDs) != 2 {
-		t.Fatalf("bundle after roots: serial %s roots %v; want %s and two roots", b.LeafSerial, b.RootIDs, next.serial)
+	if b == before || b.LeafSerial != next.Serial || len(b.RootIDs) != 2 {
+		t.Fatalf("bundle after roots: serial %s roots %v; want %s and two roots", b.LeafSerial, b.RootIDs, next.Serial)
 	}
 	// web trusts only the old root, so it must refuse db's new leaf
 	// until it has the new root too.
@@ -751,7 +753,7 @@ func TestRotationInconsistentMaterialKeepsBundle(t *testing.T) {
 		t.Fatalf("web without the new root: %v, want ErrUntrustedChain", err)
 	}
 	m.srv.next(t)
-	setMaterial(m.web, nil, rootList(testTD, newCA, m.ca))
+	setMaterial(m.web, nil, testutil.RootList(testTD, newCA, m.ca))
 	cfg = m.client(tls.VersionTLS13)
 	mustConnect(t, m.srv.addr, cfg)
 	if r := m.srv.next(t); r.err != nil {
@@ -762,14 +764,14 @@ func TestRotationInconsistentMaterialKeepsBundle(t *testing.T) {
 func TestRotationRootRemovedRefusesOldClients(t *testing.T) {
 	t.Parallel()
 	m := newMesh(t)
-	newCA := newTestCA(t, testTD)
-	dbNew := newCA.leaf(t, "db", leafOpts{})
-	setMaterial(m.db, &dbNew.cert, rootList(testTD, newCA))
-	if m.db.Bundle().LeafSerial != dbNew.serial {
+	newCA := testutil.NewCA(t, testTD)
+	dbNew := newCA.Leaf(t, "db", testutil.LeafOptions{})
+	setMaterial(m.db, &dbNew.Cert, testutil.RootList(testTD, newCA))
+	if m.db.Bundle().LeafSerial != dbNew.Serial {
 		t.Fatal("rotation to the new CA not applied")
 	}
 	// web's old-root leaf is no longer trusted by db.
-	mustBeRefused(t, m.srv.addr, foreignClient(tls.VersionTLS13, &m.webLeaf.cert))
+	mustBeRefused(t, m.srv.addr, foreignClient(tls.VersionTLS13, &m.webLeaf.Cert))
 	if r := m.srv.next(t); !errors.Is(r.err, ErrUntrustedChain) {
 		t.Fatalf("server error %v, want ErrUntrustedChain", r.err)
 	}
@@ -857,7 +859,7 @@ func TestResumeKeyResumes(t *testing.T) {
 func TestALPNMux(t *testing.T) {
 	t.Parallel()
 	m := newMesh(t)
-	src := newTestSource(t, "db", m.dbLeaf, rootList(testTD, m.ca))
+	src := newTestSource(t, "db", m.dbLeaf, testutil.RootList(testTD, m.ca))
 	src.tunnels = true
 	tun := startTLSServer(t, src.ServerConfig(m.auth.authorize))
 	for _, tc := range []struct {

@@ -1,7 +1,6 @@
 package tlsutil
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"net/http"
@@ -15,6 +14,8 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/straitproxy/strait/internal/testutil"
 )
 
 // fakeCAAgent serves the agent's CA roots and leaf endpoints with Consul's
@@ -31,7 +32,7 @@ type fakeCAAgent struct {
 	roots      *api.CARootList
 	rootsIndex uint64
 	rootsFail  bool // answer roots with 500
-	leaf       *testLeaf
+	leaf       *testutil.Leaf
 	leafIndex  uint64
 	requests   map[string]int // by endpoint: "roots", "leaf"
 	badPaths   []string
@@ -85,7 +86,7 @@ func (f *fakeCAAgent) setRoots(r *api.CARootList) {
 	f.notifyLocked()
 }
 
-func (f *fakeCAAgent) setLeaf(l *testLeaf) {
+func (f *fakeCAAgent) setLeaf(l *testutil.Leaf) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.leaf = l
@@ -137,8 +138,8 @@ func (f *fakeCAAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			index, fail = f.leafIndex, f.leaf == nil
 			if l := f.leaf; l != nil {
 				body = &api.LeafCert{
-					SerialNumber: l.serial, CertPEM: l.certPEM, PrivateKeyPEM: l.keyPEM,
-					Service: f.service, ServiceURI: l.uri, ValidAfter: l.x.NotBefore, ValidBefore: l.x.NotAfter,
+					SerialNumber: l.Serial, CertPEM: l.CertPEM, PrivateKeyPEM: l.KeyPEM,
+					Service: f.service, ServiceURI: l.URI, ValidAfter: l.X509.NotBefore, ValidBefore: l.X509.NotAfter,
 					CreateIndex: index, ModifyIndex: index,
 				}
 			}
@@ -165,40 +166,6 @@ func (f *fakeCAAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		case <-f.stop:
 			return
-		}
-	}
-}
-
-// syncBuffer collects log output safely across goroutines.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-// eventually polls cond until it holds or the deadline passes.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.NewTimer(15 * time.Second)
-	defer deadline.Stop()
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-deadline.C:
-			t.Fatalf("timed out waiting for %s", what)
-		case <-tick.C:
 		}
 	}
 }
@@ -232,22 +199,22 @@ func waitReady(t *testing.T, s *Source) {
 
 func TestSourceAgainstAgent(t *testing.T) {
 	t.Parallel()
-	ca := newTestCA(t, testTD)
+	ca := testutil.NewCA(t, testTD)
 	f := newFakeCAAgent(t, "db")
-	logs := &syncBuffer{}
+	logs := &testutil.Buffer{}
 	log := hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Debug})
 	s := NewSource(f.client(t), "db", SourceOptions{Logger: log})
 
 	// Leaf first, roots unavailable: not ready.
-	leaf1 := ca.leaf(t, "db", leafOpts{})
+	leaf1 := ca.Leaf(t, "db", testutil.LeafOptions{})
 	f.setLeaf(leaf1)
 	f.mu.Lock()
 	f.rootsFail = true
 	f.mu.Unlock()
 	runSource(t, s)
 	// A second leaf request means the first answer has been processed.
-	eventually(t, "the leaf watch to block", func() bool { return f.count("leaf") >= 2 })
-	eventually(t, "a failed roots request", func() bool { return f.count("roots") >= 1 })
+	testutil.Eventually(t, "the leaf watch to block", func() bool { return f.count("leaf") >= 2 })
+	testutil.Eventually(t, "a failed roots request", func() bool { return f.count("roots") >= 1 })
 	select {
 	case <-s.Ready():
 		t.Fatal("ready without roots")
@@ -257,11 +224,11 @@ func TestSourceAgainstAgent(t *testing.T) {
 		t.Fatal("bundle without roots")
 	}
 
-	f.setRoots(rootList(testTD, ca))
+	f.setRoots(testutil.RootList(testTD, ca))
 	waitReady(t, s)
 	b := s.Bundle()
-	if b == nil || b.LeafSerial != leaf1.serial {
-		t.Fatalf("bundle %+v, want serial %s", b, leaf1.serial)
+	if b == nil || b.LeafSerial != leaf1.Serial {
+		t.Fatalf("bundle %+v, want serial %s", b, leaf1.Serial)
 	}
 	if s.TrustDomain() != testTD {
 		t.Fatalf("TrustDomain() = %q", s.TrustDomain())
@@ -271,29 +238,29 @@ func TestSourceAgainstAgent(t *testing.T) {
 	}
 
 	// A renewed leaf at a higher index is picked up.
-	leaf2 := ca.leaf(t, "db", leafOpts{})
+	leaf2 := ca.Leaf(t, "db", testutil.LeafOptions{})
 	f.setLeaf(leaf2)
-	eventually(t, "the renewed leaf", func() bool { return s.Bundle().LeafSerial == leaf2.serial })
+	testutil.Eventually(t, "the renewed leaf", func() bool { return s.Bundle().LeafSerial == leaf2.Serial })
 
 	// CA rotation, leaf first: held back until the roots catch up.
-	newCA := newTestCA(t, testTD)
-	leaf3 := newCA.leaf(t, "db", leafOpts{})
+	newCA := testutil.NewCA(t, testTD)
+	leaf3 := newCA.Leaf(t, "db", testutil.LeafOptions{})
 	n := f.count("leaf")
 	f.setLeaf(leaf3)
-	eventually(t, "the leaf watch to process the new leaf", func() bool { return f.count("leaf") >= n+2 })
-	if got := s.Bundle().LeafSerial; got != leaf2.serial {
-		t.Fatalf("bundle serial %s after a leaf from an unknown root, want %s kept", got, leaf2.serial)
+	testutil.Eventually(t, "the leaf watch to process the new leaf", func() bool { return f.count("leaf") >= n+2 })
+	if got := s.Bundle().LeafSerial; got != leaf2.Serial {
+		t.Fatalf("bundle serial %s after a leaf from an unknown root, want %s kept", got, leaf2.Serial)
 	}
-	f.setRoots(rootList(testTD, newCA, ca))
-	eventually(t, "the rotated bundle", func() bool {
+	f.setRoots(testutil.RootList(testTD, newCA, ca))
+	testutil.Eventually(t, "the rotated bundle", func() bool {
 		b := s.Bundle()
-		return b.LeafSerial == leaf3.serial && len(b.RootIDs) == 2
+		return b.LeafSerial == leaf3.Serial && len(b.RootIDs) == 2
 	})
 
 	// The agent goes away: the last bundle stays.
 	last := s.Bundle()
 	f.close()
-	eventually(t, "a failed watch to be logged", func() bool { return strings.Contains(logs.String(), "watch failed") })
+	testutil.Eventually(t, "a failed watch to be logged", func() bool { return strings.Contains(logs.String(), "watch failed") })
 	if s.Bundle() != last {
 		t.Fatal("bundle changed after the agent went away")
 	}
@@ -312,10 +279,10 @@ func TestSourceAgainstAgent(t *testing.T) {
 
 func TestSourceReadyAndServes(t *testing.T) {
 	t.Parallel()
-	ca := newTestCA(t, testTD)
+	ca := testutil.NewCA(t, testTD)
 	f := newFakeCAAgent(t, "db")
-	f.setRoots(rootList(testTD, ca))
-	dbLeaf := ca.leaf(t, "db", leafOpts{uri: "spiffe://" + testTD + "/ap/part1/ns/team/dc/dc1/svc/db"})
+	f.setRoots(testutil.RootList(testTD, ca))
+	dbLeaf := ca.Leaf(t, "db", testutil.LeafOptions{URI: "spiffe://" + testTD + "/ap/part1/ns/team/dc/dc1/svc/db"})
 	f.setLeaf(dbLeaf)
 	s := NewSource(f.client(t), "db", SourceOptions{Namespace: "team", Partition: "part1"})
 	runSource(t, s)
@@ -328,14 +295,14 @@ func TestSourceReadyAndServes(t *testing.T) {
 	}
 
 	// The agent-fed source serves mTLS to a peer under the same CA.
-	web := newTestSource(t, "web", ca.leaf(t, "web", leafOpts{}), rootList(testTD, ca))
+	web := newTestSource(t, "web", ca.Leaf(t, "web", testutil.LeafOptions{}), testutil.RootList(testTD, ca))
 	auth := &authRecorder{}
 	srv := startTLSServer(t, s.ServerConfig(auth.authorize))
 	c := mustConnect(t, srv.addr, web.ClientConfig(ServiceID(testTD, "part1", "team", "dc1", "db"), "", ClientOptions{}))
 	if r := srv.next(t); r.err != nil {
 		t.Fatalf("server handshake: %v", r.err)
 	}
-	if got := FormatSerial(c.ConnectionState().PeerCertificates[0].SerialNumber.Bytes()); got != dbLeaf.serial {
-		t.Fatalf("served serial %s, want %s", got, dbLeaf.serial)
+	if got := FormatSerial(c.ConnectionState().PeerCertificates[0].SerialNumber.Bytes()); got != dbLeaf.Serial {
+		t.Fatalf("served serial %s, want %s", got, dbLeaf.Serial)
 	}
 }

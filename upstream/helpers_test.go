@@ -1,18 +1,12 @@
 package upstream
 
 import (
-	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -28,89 +22,16 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/straitproxy/strait/config"
+	"github.com/straitproxy/strait/internal/testutil"
 	"github.com/straitproxy/strait/tlsutil"
 )
 
 const testTD = "11111111-2222-3333-4444-555555555555.consul"
 
-// testCA is a throwaway Consul-like CA issuing SPIFFE leaf certificates.
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pool *x509.CertPool
-	td   string
-}
-
-func newTestCA(t testing.TB) *testCA {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	root, _ := url.Parse("spiffe://" + testTD)
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "test CA"},
-		URIs:                  []*url.URL{root},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
-	return &testCA{cert: cert, key: key, pool: pool, td: testTD}
-}
-
-// leaf issues a certificate for spiffe://<td>/ns/default/dc/<dc>/svc/<service>.
-func (ca *testCA) leaf(t testing.TB, dc, service string) tls.Certificate {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := tlsutil.ServiceID(ca.td, "", "", dc, service)
-	uri, err := url.Parse(id.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial, err := rand.Int(rand.Reader, big.NewInt(1<<62))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: serial,
-		Subject:      pkix.Name{CommonName: service},
-		URIs:         []*url.URL{uri},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
-}
-
 // testTLS implements TLS: it presents a "web" leaf and accepts a server only
 // if its chain verifies against the CA and its URI SAN is exactly expected.
 type testTLS struct {
-	ca   *testCA
+	ca   *testutil.CA
 	leaf tls.Certificate
 	td   string
 
@@ -118,8 +39,8 @@ type testTLS struct {
 	resumer map[string]*tls.Config // by ResumeKey, as tlsutil shares them
 }
 
-func newTestTLS(t testing.TB, ca *testCA) *testTLS {
-	return &testTLS{ca: ca, leaf: ca.leaf(t, "dc1", "web"), td: ca.td}
+func newTestTLS(t testing.TB, ca *testutil.CA) *testTLS {
+	return &testTLS{ca: ca, leaf: ca.Leaf(t, "web", testutil.LeafOptions{}).Cert, td: ca.TrustDomain}
 }
 
 func (c *testTLS) TrustDomain() string { return c.td }
@@ -168,7 +89,7 @@ func (c *testTLS) newClientConfig(expected tlsutil.Identity, sni string, opts tl
 			}
 			leaf := cs.PeerCertificates[0]
 			if _, err := leaf.Verify(x509.VerifyOptions{
-				Roots: c.ca.pool, Intermediates: inter,
+				Roots: c.ca.Pool(), Intermediates: inter,
 				KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 			}); err != nil {
 				return err
@@ -193,22 +114,22 @@ type tlsServer struct {
 	alpn    atomic.Int64 // of which negotiated an ALPN protocol
 }
 
-func startTLSServer(t testing.TB, ca *testCA, service string) *tlsServer {
+func startTLSServer(t testing.TB, ca *testutil.CA, service string) *tlsServer {
 	return startTLSServerProtos(t, ca, service, nil)
 }
 
 // startTLSServerProtos is startTLSServer with the server advertising protos
 // by ALPN (nil: none, like the built-in proxy; {"h2"}: a Connect-native
 // service; {tlsutil.ALPNStrait}: a strait proxy).
-func startTLSServerProtos(t testing.TB, ca *testCA, service string, protos []string) *tlsServer {
+func startTLSServerProtos(t testing.TB, ca *testutil.CA, service string, protos []string) *tlsServer {
 	t.Helper()
 	ln := listen(t)
 	s := &tlsServer{addr: ln.Addr().String(), port: ln.Addr().(*net.TCPAddr).Port}
-	cert := ca.leaf(t, "dc1", service)
+	cert := ca.Leaf(t, service, testutil.LeafOptions{}).Cert
 	cfg := &tls.Config{
 		Certificates: []tls.Certificate{cert},
 		ClientAuth:   tls.RequireAndVerifyClientCert,
-		ClientCAs:    ca.pool,
+		ClientCAs:    ca.Pool(),
 		MinVersion:   tls.VersionTLS12,
 		NextProtos:   protos,
 		GetConfigForClient: func(hi *tls.ClientHelloInfo) (*tls.Config, error) {
@@ -471,34 +392,16 @@ func writeJSON(w http.ResponseWriter, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
-// syncBuffer is a log sink safe to read while the logger writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 type fixture struct {
-	ca    *testCA
+	ca    *testutil.CA
 	tls   *testTLS
 	agent *fakeAgent
-	logs  *syncBuffer
+	logs  *testutil.Buffer
 }
 
 func newFixture(t testing.TB) *fixture {
-	ca := newTestCA(t)
-	return &fixture{ca: ca, tls: newTestTLS(t, ca), agent: newFakeAgent(t), logs: new(syncBuffer)}
+	ca := testutil.NewCA(t, testTD)
+	return &fixture{ca: ca, tls: newTestTLS(t, ca), agent: newFakeAgent(t), logs: new(testutil.Buffer)}
 }
 
 func (f *fixture) options(t testing.TB) Options {
@@ -543,20 +446,6 @@ func waitReady(t testing.TB, u *Upstream) {
 	case <-u.Ready():
 	case <-time.After(10 * time.Second):
 		t.Fatal("upstream never became ready")
-	}
-}
-
-// eventually polls cond until it holds or 10s pass.
-func eventually(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		<-tick.C
 	}
 }
 

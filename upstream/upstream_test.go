@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/straitproxy/strait/config"
+	"github.com/straitproxy/strait/internal/testutil"
 	"github.com/straitproxy/strait/tlsutil"
 )
 
@@ -399,9 +400,9 @@ func TestReleaseTracksActiveAcrossRefresh(t *testing.T) {
 
 	// Gone from the set while the connection lives, then back.
 	f.agent.setEntries(proxyEntry("b", "db", b.port, api.HealthPassing))
-	eventually(t, "a to leave the set", func() bool { return slices.Equal(addrs(u.Endpoints()), []string{b.addr}) })
+	testutil.Eventually(t, "a to leave the set", func() bool { return slices.Equal(addrs(u.Endpoints()), []string{b.addr}) })
 	f.agent.setEntries(proxyEntry("a", "db", a.port, api.HealthPassing), proxyEntry("b", "db", b.port, api.HealthPassing))
-	eventually(t, "a to come back", func() bool { return len(u.Endpoints()) == 2 })
+	testutil.Eventually(t, "a to come back", func() bool { return len(u.Endpoints()) == 2 })
 	if st := statusOf(t, u, a.addr); st.Active != 1 {
 		t.Errorf("active = %d after the set changed, want 1", st.Active)
 	}
@@ -443,7 +444,7 @@ func TestWatchFollowsChanges(t *testing.T) {
 	}
 
 	f.agent.setEntries(proxyEntry("b", "db", b.port, api.HealthPassing))
-	eventually(t, "the new set", func() bool { return slices.Equal(addrs(u.Endpoints()), []string{b.addr}) })
+	testutil.Eventually(t, "the new set", func() bool { return slices.Equal(addrs(u.Endpoints()), []string{b.addr}) })
 	if ep := dialOK(t, u, "db"); ep.Addr != b.addr {
 		t.Errorf("dialed %s, want %s", ep.Addr, b.addr)
 	}
@@ -471,7 +472,7 @@ func TestAgentOutageKeepsLastSet(t *testing.T) {
 	waitReady(t, u)
 
 	f.agent.setFailing(true)
-	eventually(t, "the watch to retry during the outage", func() bool { return f.agent.failedCalls.Load() >= 2 })
+	testutil.Eventually(t, "the watch to retry during the outage", func() bool { return f.agent.failedCalls.Load() >= 2 })
 	if got := addrs(u.Endpoints()); !slices.Equal(got, []string{a.addr}) {
 		t.Fatalf("endpoints during outage = %v, want %s", got, a.addr)
 	}
@@ -479,7 +480,7 @@ func TestAgentOutageKeepsLastSet(t *testing.T) {
 
 	f.agent.setEntries(proxyEntry("a", "db", a.port, api.HealthPassing), proxyEntry("b", "db", b.port, api.HealthPassing))
 	f.agent.setFailing(false)
-	eventually(t, "recovery", func() bool { return len(u.Endpoints()) == 2 })
+	testutil.Eventually(t, "recovery", func() bool { return len(u.Endpoints()) == 2 })
 	if !strings.Contains(f.logs.String(), "watch failed") {
 		t.Error("outage not logged")
 	}
@@ -559,7 +560,7 @@ func TestPreparedQueryRefreshesInBackground(t *testing.T) {
 	waitReady(t, u)
 
 	// Once stale, a Dial asks for a refresh and goes on with the old set.
-	eventually(t, "a background refresh", func() bool {
+	testutil.Eventually(t, "a background refresh", func() bool {
 		dialOK(t, u, "db")
 		return f.agent.pqCalls.Load() == 2
 	})
@@ -574,7 +575,7 @@ func TestPreparedQueryRefreshesInBackground(t *testing.T) {
 
 	f.agent.setQuery(queryAnswer(a.port, b.port), gate)
 	close(gate)
-	eventually(t, "the refreshed set", func() bool { return len(u.Endpoints()) == 2 })
+	testutil.Eventually(t, "the refreshed set", func() bool { return len(u.Endpoints()) == 2 })
 	if m := f.agent.pqMaxInflight.Load(); m != 1 {
 		t.Errorf("max executes in flight = %d, want 1", m)
 	}

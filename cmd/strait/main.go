@@ -46,7 +46,12 @@ func usagef(format string, a ...any) error { return usageError{fmt.Sprintf(forma
 
 type upstreamFlags []config.Upstream
 
-func (u *upstreamFlags) String() string { return fmt.Sprint(len(*u), " upstreams") }
+func (u *upstreamFlags) String() string {
+	if u == nil || len(*u) == 0 {
+		return "" // no default to show in -h
+	}
+	return fmt.Sprint(len(*u), " upstreams")
+}
 func (u *upstreamFlags) Set(s string) error {
 	up, err := config.ParseUpstream(s)
 	if err != nil {
@@ -71,6 +76,7 @@ type options struct {
 	tlsKex                    string
 	tunnels                   string
 	ktls                      string
+	maxInbound, maxHandshakes int
 	api                       config.API
 	flagsModeSet, registerSet bool
 
@@ -87,49 +93,58 @@ type options struct {
 	disableHostSet  bool
 }
 
-func parseFlags(args []string) (*options, error) {
-	o := &options{}
+// newFlagSet defines strait's flags on o. Each flag also needs a place in
+// help's groups (help.go); TestHelpListsEveryFlag enforces it.
+func newFlagSet(o *options) *flag.FlagSet {
 	fs := flag.NewFlagSet("strait", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
-	fs.StringVar(&o.proxyID, "proxy-id", os.Getenv("CONNECT_PROXY_ID"), "Agent mode: the proxy's service ID in the local agent. Env CONNECT_PROXY_ID.")
-	fs.StringVar(&o.sidecarFor, "sidecar-for", os.Getenv("CONNECT_SIDECAR_FOR"), "Agent mode: the ID of the service whose sidecar registration to run. Env CONNECT_SIDECAR_FOR.")
-	fs.StringVar(&o.service, "service", "", "Flags mode: name of the service this proxy represents.")
-	fs.StringVar(&o.serviceAddr, "service-addr", "", "Flags mode: host:port of the local application (required with -listen).")
-	fs.StringVar(&o.listen, "listen", "", "Flags mode: host:port for the public mTLS listener.")
-	fs.Var(&o.upstreams, "upstream", "Flags mode: <name>[.service|.query]:[<bind-host>:]<port>, or <name>:unix:/path; repeatable.")
-	fs.BoolVar(&o.register, "register", false, "Flags mode: register the proxy with the agent (TTL check, deregistered on exit).")
-	fs.StringVar(&o.registerID, "register-id", "", "Suffix of the registered proxy's ID.")
-	fs.StringVar(&o.logLevel, "log-level", "INFO", "trace, debug, info, warn or error.")
+	fs.StringVar(&o.proxyID, "proxy-id", os.Getenv("CONNECT_PROXY_ID"), "Agent mode: the proxy's service `ID` in the local agent; wins over -sidecar-for.")
+	fs.StringVar(&o.sidecarFor, "sidecar-for", os.Getenv("CONNECT_SIDECAR_FOR"), "Agent mode: the `ID` of the service whose sidecar proxy registration to run.")
+	fs.StringVar(&o.service, "service", "", "Flags mode: `name` of the service this proxy represents (leaf certificate, intention target).")
+	fs.StringVar(&o.serviceAddr, "service-addr", "", "Flags mode: the local application's `host:port`; required with -listen.")
+	fs.StringVar(&o.listen, "listen", "", "Flags mode: `host:port` of the public mTLS listener; none means no inbound traffic.")
+	fs.Var(&o.upstreams, "upstream", "Flags mode, repeatable: `upstream` as <name>[.service|.query]:[<bind-host>:]<port>, or <name>:unix:/path.")
+	fs.BoolVar(&o.register, "register", false, "Flags mode: register the proxy with the agent as <service>-proxy (TTL check, deregistered on exit).")
+	fs.StringVar(&o.registerID, "register-id", "", "`Suffix` of the registered proxy's ID (<service>-proxy-<suffix>).")
+	fs.StringVar(&o.logLevel, "log-level", "INFO", "Log `level`: trace, debug, info, warn or error.")
 	fs.BoolVar(&o.logJSON, "log-json", false, "Log JSON lines.")
-	fs.StringVar(&o.pprofAddr, "pprof-addr", "", "Serve net/http/pprof on this host:port.")
+	fs.StringVar(&o.pprofAddr, "pprof-addr", "", "Serve net/http/pprof on this `host:port` (see also -admin-pprof).")
 	fs.DurationVar(&o.shutdownGrace, "shutdown-grace", 15*time.Second, "On SIGINT/SIGTERM, how long live connections may finish.")
 	fs.DurationVar(&o.halfCloseTimeout, "half-close-timeout", proxy.DefaultHalfCloseTimeout, "Idle limit of a connection one side of which has finished sending.")
-	fs.StringVar(&o.tunnels, "tunnels", "on", "Multiplex connections to other strait proxies as streams in pooled mTLS tunnels (ALPN strait-mux/1): on or off. Other peers always get one TLS connection per connection.")
-	fs.StringVar(&o.tlsKex, "tls-kex", "hybrid", "TLS key exchange: hybrid (post-quantum X25519MLKEM768 first, Go's default) or x25519 (cheaper handshakes).")
-	fs.StringVar(&o.ktls, "ktls", "auto", "Kernel TLS offload: auto (probe and report at start) or off.")
-	fs.StringVar(&o.api.Addr, "http-addr", "", "Consul agent HTTP address. Env CONSUL_HTTP_ADDR (default 127.0.0.1:8500).")
-	fs.StringVar(&o.api.Token, "token", "", "ACL token. Env CONSUL_HTTP_TOKEN.")
-	fs.StringVar(&o.api.TokenFile, "token-file", "", "File holding the ACL token, re-read on SIGHUP. Env CONSUL_HTTP_TOKEN_FILE.")
-	fs.StringVar(&o.api.CAFile, "ca-file", "", "CA file for the agent's HTTPS. Env CONSUL_CACERT.")
-	fs.StringVar(&o.api.CAPath, "ca-path", "", "CA directory for the agent's HTTPS. Env CONSUL_CAPATH.")
-	fs.StringVar(&o.api.ClientCert, "client-cert", "", "Client certificate for the agent's HTTPS. Env CONSUL_CLIENT_CERT.")
-	fs.StringVar(&o.api.ClientKey, "client-key", "", "Client key for the agent's HTTPS. Env CONSUL_CLIENT_KEY.")
-	fs.StringVar(&o.api.TLSServerName, "tls-server-name", "", "Server name for the agent's HTTPS. Env CONSUL_TLS_SERVER_NAME.")
-	fs.StringVar(&o.api.Datacenter, "datacenter", "", "Datacenter for agent queries; defaults to the agent's.")
-	fs.StringVar(&o.adminBind, "admin-bind", admin.DefaultAddr, "Admin HTTP listener (/ready, /live, /metrics, /stats, ...) host:port, or off.")
+	fs.StringVar(&o.tunnels, "tunnels", "on", "Multiplex connections to other strait proxies as streams in pooled mTLS tunnels (ALPN strait-mux/1), `on|off`. Other peers always get one TLS connection per connection.")
+	fs.StringVar(&o.tlsKex, "tls-kex", "hybrid", "TLS key exchange, `hybrid|x25519`: hybrid puts post-quantum X25519MLKEM768 first (Go's default), x25519 makes handshakes cheaper.")
+	fs.StringVar(&o.ktls, "ktls", "auto", "Kernel TLS offload, `auto|off`: auto probes and reports it at start.")
+	fs.IntVar(&o.maxInbound, "max-inbound-connections", 0, "`Limit` of concurrent inbound connections (tunnel streams included) plus handshakes in progress; overrides the registration's max_inbound_connections (service-defaults MaxInboundConnections). 0: take the registration's, else no limit.")
+	fs.IntVar(&o.maxHandshakes, "max-handshakes", proxy.DefaultMaxHandshakes, "`Limit` of inbound TLS handshakes in progress on the public listener; beyond it new connections are closed at once.")
+	fs.StringVar(&o.api.Addr, "http-addr", "", "Consul agent HTTP API `address` (https:// for TLS); 127.0.0.1:8500 when neither flag nor env is set.")
+	fs.StringVar(&o.api.Token, "token", "", "ACL `token`; needs service:write on the proxied service.")
+	fs.StringVar(&o.api.TokenFile, "token-file", "", "`File` holding the ACL token, re-read on SIGHUP; wins over -token.")
+	fs.StringVar(&o.api.CAFile, "ca-file", "", "CA `file` for the agent's HTTPS.")
+	fs.StringVar(&o.api.CAPath, "ca-path", "", "CA `directory` for the agent's HTTPS.")
+	fs.StringVar(&o.api.ClientCert, "client-cert", "", "Client certificate `file` for the agent's HTTPS.")
+	fs.StringVar(&o.api.ClientKey, "client-key", "", "Client key `file` for the agent's HTTPS.")
+	fs.StringVar(&o.api.TLSServerName, "tls-server-name", "", "Server `name` expected in the agent's HTTPS certificate.")
+	fs.StringVar(&o.api.Datacenter, "datacenter", "", "`Datacenter` for agent queries; the agent's when empty.")
+	fs.StringVar(&o.adminBind, "admin-bind", admin.DefaultAddr, "Admin HTTP listener (/ready, /live, /metrics, /stats, ...): `host:port` or off.")
 	fs.BoolVar(&o.adminPprof, "admin-pprof", false, "Also serve net/http/pprof under /debug/pprof/ on the admin listener.")
-	fs.StringVar(&o.accessLog, "access-log", string(proxy.AccessLogDeniedOnly), "Access log lines (logger \"access\"): off, on (every connection) or denied-only.")
-	fs.StringVar(&o.statsdAddr, "statsd-addr", "", "Send metrics to this statsd host:port (telemetry statsd_address).")
-	fs.StringVar(&o.statsiteAddr, "statsite-addr", "", "Send metrics to this statsite host:port (telemetry statsite_address).")
-	fs.StringVar(&o.dogstatsdAddr, "dogstatsd-addr", "", "Send metrics to this DogStatsD host:port or unix:///path (telemetry dogstatsd_addr).")
-	fs.StringVar(&o.dogstatsdTags, "dogstatsd-tags", "", "Comma-separated tags added to every DogStatsD metric (telemetry dogstatsd_tags).")
-	fs.StringVar(&o.metricsPrefix, "metrics-prefix", "", "Prefix of every metric name (telemetry metrics_prefix; default none, as the built-in proxy).")
+	fs.StringVar(&o.accessLog, "access-log", string(proxy.AccessLogDeniedOnly), "Access log lines (logger \"access\"), one per connection at close: `mode` off, on (every connection) or denied-only.")
+	fs.StringVar(&o.statsdAddr, "statsd-addr", "", "Send metrics to this statsd `host:port` (telemetry statsd_address).")
+	fs.StringVar(&o.statsiteAddr, "statsite-addr", "", "Send metrics to this statsite `host:port` (telemetry statsite_address).")
+	fs.StringVar(&o.dogstatsdAddr, "dogstatsd-addr", "", "Send metrics to this DogStatsD `address`: host:port or unix:///path (telemetry dogstatsd_addr).")
+	fs.StringVar(&o.dogstatsdTags, "dogstatsd-tags", "", "Comma-separated `tags` added to every DogStatsD metric (telemetry dogstatsd_tags).")
+	fs.StringVar(&o.metricsPrefix, "metrics-prefix", "", "`Prefix` of every metric name (telemetry metrics_prefix; none by default, as the built-in proxy).")
 	fs.BoolVar(&o.disableHostname, "disable-hostname", false, "Keep the hostname out of statsd gauge names (telemetry disable_hostname).")
+	return fs
+}
+
+func parseFlags(args []string) (*options, error) {
+	o := &options{}
+	fs := newFlagSet(o)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil, err
 		}
-		return nil, usageError{err.Error()}
+		return nil, usagef("%v (strait -h lists the flags)", err)
 	}
 	if fs.NArg() > 0 {
 		return nil, usagef("unexpected argument %q (strait takes only flags, or the 'version' command)", fs.Arg(0))
@@ -158,6 +173,12 @@ func (o *options) validate() error {
 	}
 	if o.ktls != "auto" && o.ktls != "off" {
 		return usagef("-ktls %q: want auto or off", o.ktls)
+	}
+	if o.maxInbound < 0 {
+		return usagef("-max-inbound-connections %d: want 0 (no limit of its own) or more", o.maxInbound)
+	}
+	if o.maxHandshakes < 1 {
+		return usagef("-max-handshakes %d: want 1 or more", o.maxHandshakes)
 	}
 	if hclog.LevelFromString(o.logLevel) == hclog.NoLevel {
 		return usagef("-log-level %q: want trace, debug, info, warn or error", o.logLevel)
@@ -256,6 +277,7 @@ func (o *options) settings(httpAddr string) admin.Settings {
 		API: o.api, HTTPAddr: httpAddr, LogLevel: o.logLevel, LogJSON: o.logJSON, AccessLog: o.accessLog,
 		AdminBind: o.adminBind, AdminPprof: o.adminPprof, PprofAddr: o.pprofAddr,
 		ShutdownGrace: o.shutdownGrace, HalfCloseTimeout: o.halfCloseTimeout, TLSKex: o.tlsKex, KTLS: o.ktls,
+		MaxInboundConnections: o.maxInbound, MaxHandshakes: o.maxHandshakes,
 	}
 }
 
@@ -266,7 +288,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	o, err := parseFlags(args)
 	if errors.Is(err, flag.ErrHelp) {
-		fmt.Fprintln(stdout, "usage: strait [flags]   (same flags as `consul connect proxy`; see README.md)")
+		if err := writeHelp(stdout); err != nil {
+			fmt.Fprintf(stderr, "strait: -h: %v\n", err)
+			return 1
+		}
 		return 0
 	}
 	if err != nil {
@@ -314,10 +339,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 	accessMode, _ := proxy.ParseAccessLog(o.accessLog)
 	curves, _ := tlsutil.KeyExchange(o.tlsKex)
 	m := metrics.New(metrics.Options{Logger: log.Named("metrics")})
+	// Deferred early, so it runs after the proxy's shutdown: the push
+	// sinks send what they hold and their goroutines are joined.
+	defer m.Close()
 	p := proxy.New(proxy.Options{
 		KTLS: o.ktls, CurvePreferences: curves, Client: client, AgentConfig: agent.Config, Logger: log,
 		HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace, Tunnels: o.tunnels == "on",
 		Metrics: m, Telemetry: o.telemetry(), AccessLog: accessMode, AccessLogger: access,
+		MaxInboundConnections: o.maxInbound, MaxHandshakes: o.maxHandshakes,
 	})
 	// The admin listener binds before anything else starts, so that /ready
 	// answers 503 with the reason while strait waits for the agent.

@@ -2,9 +2,13 @@ package main
 
 import (
 	"bytes"
+	"flag"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
+
+	"github.com/hashicorp/consul/api"
 )
 
 // TestInvalidInput: each mistake is one line on stderr, exit status 2, and
@@ -28,6 +32,8 @@ func TestInvalidInput(t *testing.T) {
 		{"bad log level", []string{"-service", "web", "-log-level", "loud"}, "-log-level"},
 		{"stray argument", []string{"-service", "web", "extra"}, "unexpected argument"},
 		{"bad listen port", []string{"-service", "web", "-service-addr", "127.0.0.1:80", "-listen", "127.0.0.1:99999"}, "-listen"},
+		{"negative max-inbound-connections", []string{"-service", "web", "-max-inbound-connections", "-1"}, "-max-inbound-connections"},
+		{"zero max-handshakes", []string{"-service", "web", "-max-handshakes", "0"}, "-max-handshakes"},
 		{"bad ktls", []string{"-service", "web", "-ktls", "on"}, "-ktls"},
 		{"bad tls-kex", []string{"-service", "web", "-tls-kex", "rsa"}, "-tls-kex"},
 		{"duplicate bind", []string{"-service", "web", "-upstream", "a:9000", "-upstream", "b:9000"}, "two upstreams bind"},
@@ -109,6 +115,64 @@ func TestDependencies(t *testing.T) {
 			strings.HasPrefix(d, "google.golang.org/grpc"),
 			d == "github.com/hashicorp/consul" || (strings.HasPrefix(d, "github.com/hashicorp/consul/") && !strings.HasPrefix(d, "github.com/hashicorp/consul/api")):
 			t.Errorf("binary links %s", d)
+		}
+	}
+}
+
+// TestHelpListsEveryFlag: -h, -help and --help print the grouped help on
+// stdout and exit 0; every flag of the FlagSet has an entry with its
+// default, its environment variable and a meaning. A flag added without a
+// place in help.go makes -h fail, and so this test.
+func TestHelpListsEveryFlag(t *testing.T) {
+	t.Parallel()
+	for _, arg := range []string{"-h", "-help", "--help"} {
+		var stdout, stderr bytes.Buffer
+		if code := run([]string{arg}, &stdout, &stderr); code != 0 || stderr.Len() != 0 {
+			t.Fatalf("%s: exit %d, stderr %q", arg, code, stderr.String())
+		}
+		out := stdout.String()
+		for _, g := range help.Groups {
+			if !strings.Contains(out, "\n"+g.Title+":\n") {
+				t.Errorf("%s: group %q missing", arg, g.Title)
+			}
+		}
+		if !strings.Contains(out, "\nExamples:\n") || !strings.Contains(out, "strait -sidecar-for web\n") || !strings.Contains(out, "-upstream db:9191") {
+			t.Errorf("%s: examples missing", arg)
+		}
+		lines := strings.Split(out, "\n")
+		newFlagSet(&options{}).VisitAll(func(f *flag.Flag) {
+			i := slices.IndexFunc(lines, func(l string) bool {
+				return strings.HasPrefix(l, "  -"+f.Name+" ") || l == "  -"+f.Name
+			})
+			if i < 0 {
+				t.Errorf("%s: no entry for -%s", arg, f.Name)
+				return
+			}
+			if f.DefValue != "" && !strings.Contains(lines[i], "default "+f.DefValue) {
+				t.Errorf("%s: -%s entry %q lacks its default %q", arg, f.Name, lines[i], f.DefValue)
+			}
+			if env := help.Env[f.Name]; env != "" && !strings.Contains(lines[i], "env "+env) {
+				t.Errorf("%s: -%s entry %q lacks env %s", arg, f.Name, lines[i], env)
+			}
+			if i+1 >= len(lines) || !strings.HasPrefix(lines[i+1], "      ") || strings.TrimSpace(lines[i+1]) == "" {
+				t.Errorf("%s: -%s has no meaning line", arg, f.Name)
+			}
+		})
+	}
+}
+
+// TestHelpEnv: the help names, for each agent API flag, the variable the
+// API client really falls back to.
+func TestHelpEnv(t *testing.T) {
+	t.Parallel()
+	for flagName, env := range map[string]string{
+		"http-addr": api.HTTPAddrEnvName, "token": api.HTTPTokenEnvName, "token-file": api.HTTPTokenFileEnvName,
+		"ca-file": api.HTTPCAFile, "ca-path": api.HTTPCAPath, "client-cert": api.HTTPClientCert,
+		"client-key": api.HTTPClientKey, "tls-server-name": api.HTTPTLSServerName,
+		"proxy-id": "CONNECT_PROXY_ID", "sidecar-for": "CONNECT_SIDECAR_FOR",
+	} {
+		if help.Env[flagName] != env {
+			t.Errorf("-%s: env %q, want %q", flagName, help.Env[flagName], env)
 		}
 	}
 }

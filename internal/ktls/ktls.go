@@ -6,8 +6,11 @@
 // setsockopt calls that install it.
 //
 // crypto/tls does not expose traffic secrets or record sequence numbers;
-// the secrets come from Config.KeyLogWriter (see SecretLog) and the caller
+// the secrets come from Config.KeyLogWriter (see secretLog) and the caller
 // must know the sequence numbers at the moment of hand-off.
+//
+// Only Probe is wired (strait reports at start whether offload is
+// available); the hand-off pieces are unexported until a caller uses them.
 package ktls
 
 import (
@@ -41,9 +44,9 @@ const (
 	cryptoInfoHdrBytes = 4 // struct tls_crypto_info { __u16 version; __u16 cipher_type; }
 )
 
-// CryptoInfo is one direction's record protection as the kernel takes it
+// cryptoInfo is one direction's record protection as the kernel takes it
 // (struct tls12_crypto_info_aes_gcm_{128,256}).
-type CryptoInfo struct {
+type cryptoInfo struct {
 	Cipher uint16 // cipherAESGCM128 or cipherAESGCM256
 	IV     [gcmIVSize]byte
 	Key    []byte // 16 or 32 bytes
@@ -53,7 +56,7 @@ type CryptoInfo struct {
 
 // Marshal lays ci out as the kernel's struct: version, cipher_type, iv,
 // key, salt, rec_seq (big endian), with no padding.
-func (ci CryptoInfo) Marshal() []byte {
+func (ci cryptoInfo) Marshal() []byte {
 	b := make([]byte, 0, cryptoInfoHdrBytes+gcmIVSize+len(ci.Key)+gcmSaltSize+recSeqSize)
 	b = binary.NativeEndian.AppendUint16(b, tls13Version)
 	b = binary.NativeEndian.AppendUint16(b, ci.Cipher)
@@ -64,12 +67,12 @@ func (ci CryptoInfo) Marshal() []byte {
 	return b
 }
 
-// TrafficKeys derives one direction's CryptoInfo from a TLS 1.3 traffic
+// trafficKeys derives one direction's cryptoInfo from a TLS 1.3 traffic
 // secret (RFC 8446 7.3: key = HKDF-Expand-Label(secret, "key", "", len),
 // iv = HKDF-Expand-Label(secret, "iv", "", 12)). The kernel wants the 12-byte
 // IV split into a 4-byte salt and an 8-byte explicit part. Only the AES-GCM
 // suites can be offloaded.
-func TrafficKeys(suite uint16, secret []byte, seq uint64) (CryptoInfo, error) {
+func trafficKeys(suite uint16, secret []byte, seq uint64) (cryptoInfo, error) {
 	var (
 		h      func() hash.Hash
 		keyLen int
@@ -81,17 +84,17 @@ func TrafficKeys(suite uint16, secret []byte, seq uint64) (CryptoInfo, error) {
 	case tls.TLS_AES_256_GCM_SHA384:
 		h, keyLen, cipher = sha512.New384, 32, cipherAESGCM256
 	default:
-		return CryptoInfo{}, fmt.Errorf("%w: cipher suite %s", ErrUnsupported, tls.CipherSuiteName(suite))
+		return cryptoInfo{}, fmt.Errorf("%w: cipher suite %s", ErrUnsupported, tls.CipherSuiteName(suite))
 	}
 	key, err := expandLabel(h, secret, "key", keyLen)
 	if err != nil {
-		return CryptoInfo{}, err
+		return cryptoInfo{}, err
 	}
 	iv, err := expandLabel(h, secret, "iv", gcmSaltSize+gcmIVSize)
 	if err != nil {
-		return CryptoInfo{}, err
+		return cryptoInfo{}, err
 	}
-	ci := CryptoInfo{Cipher: cipher, Key: key, RecSeq: seq}
+	ci := cryptoInfo{Cipher: cipher, Key: key, RecSeq: seq}
 	copy(ci.Salt[:], iv[:gcmSaltSize])
 	copy(ci.IV[:], iv[gcmSaltSize:])
 	return ci, nil
@@ -108,15 +111,15 @@ func expandLabel(h func() hash.Hash, secret []byte, label string, n int) ([]byte
 	return hkdf.Expand(h, secret, string(info), n)
 }
 
-// SecretLog is a tls.Config.KeyLogWriter for one connection that keeps its
+// secretLog is a tls.Config.KeyLogWriter for one connection that keeps its
 // TLS 1.3 application traffic secrets (and nothing else). Give every
-// connection to be offloaded a Config of its own carrying a fresh SecretLog.
-type SecretLog struct {
+// connection to be offloaded a Config of its own carrying a fresh secretLog.
+type secretLog struct {
 	Client, Server []byte // CLIENT_ and SERVER_TRAFFIC_SECRET_0
 }
 
 // Write parses one NSS key log line: "<label> <client random> <secret>".
-func (s *SecretLog) Write(line []byte) (int, error) {
+func (s *secretLog) Write(line []byte) (int, error) {
 	fields := splitFields(line)
 	if len(fields) != 3 {
 		return len(line), nil

@@ -34,17 +34,17 @@ var probe = sync.OnceValue(func() error {
 // An error wraps ErrUnsupported when the kernel simply lacks it.
 func Probe() error { return probe() }
 
-// Install attaches kTLS to the socket behind rc and installs tx and/or rx
+// install attaches kTLS to the socket behind rc and installs tx and/or rx
 // (nil skips a direction). From then on the kernel encrypts what is written
 // to the socket and decrypts what is read from it; crypto/tls must not touch
 // the connection again.
-func Install(rc syscall.RawConn, tx, rx *CryptoInfo) error {
+func install(rc syscall.RawConn, tx, rx *cryptoInfo) error {
 	if err := setULP(rc); err != nil {
 		return err
 	}
 	for _, d := range []struct {
 		opt int
-		ci  *CryptoInfo
+		ci  *cryptoInfo
 	}{{tlsTX, tx}, {tlsRX, rx}} {
 		if d.ci == nil {
 			continue

@@ -7,5 +7,5 @@ import "syscall"
 // Probe reports that kTLS exists only on Linux.
 func Probe() error { return ErrUnsupported }
 
-// Install is unsupported off Linux.
-func Install(syscall.RawConn, *CryptoInfo, *CryptoInfo) error { return ErrUnsupported }
+// install is unsupported off Linux.
+func install(syscall.RawConn, *cryptoInfo, *cryptoInfo) error { return ErrUnsupported }

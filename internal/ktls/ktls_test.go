@@ -87,7 +87,7 @@ func TestTrafficKeysOpenRealRecords(t *testing.T) {
 				t.Fatal(err)
 			}
 			tap := &tapConn{Conn: raw}
-			var log SecretLog
+			var log secretLog
 			// crypto/tls does not let a TLS 1.3 endpoint choose its suites;
 			// the derivation is checked for whichever suite it negotiated.
 			cli := tls.Client(tap, &tls.Config{InsecureSkipVerify: true, KeyLogWriter: &log, MinVersion: tls.VersionTLS13})
@@ -106,7 +106,7 @@ func TestTrafficKeysOpenRealRecords(t *testing.T) {
 			if len(log.Client) == 0 || len(log.Server) == 0 {
 				t.Fatal("traffic secrets not captured from the key log")
 			}
-			ci, err := TrafficKeys(got, log.Client, 0)
+			ci, err := trafficKeys(got, log.Client, 0)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -131,7 +131,7 @@ func TestTrafficKeysOpenRealRecords(t *testing.T) {
 				t.Fatalf("opened %d bytes, want the %d written", len(stream), len(want))
 			}
 			// And a wrong sequence number must not open it.
-			ci2, _ := TrafficKeys(got, log.Client, 5)
+			ci2, _ := trafficKeys(got, log.Client, 5)
 			first := tap.written()[mark:]
 			n := int(binary.BigEndian.Uint16(first[3:5]))
 			if _, err := gcmOpen(ci2, ci2.RecSeq, first[:5], first[5:5+n]); err == nil {
@@ -141,7 +141,7 @@ func TestTrafficKeysOpenRealRecords(t *testing.T) {
 	}
 }
 
-func open(t *testing.T, ci CryptoInfo, seq uint64, hdr, body []byte) []byte {
+func open(t *testing.T, ci cryptoInfo, seq uint64, hdr, body []byte) []byte {
 	t.Helper()
 	p, err := gcmOpen(ci, seq, hdr, body)
 	if err != nil {
@@ -152,7 +152,7 @@ func open(t *testing.T, ci CryptoInfo, seq uint64, hdr, body []byte) []byte {
 
 // gcmOpen decrypts a TLS 1.3 record the way the kernel will: nonce =
 // salt||iv XOR the sequence number, additional data = the record header.
-func gcmOpen(ci CryptoInfo, seq uint64, hdr, body []byte) ([]byte, error) {
+func gcmOpen(ci cryptoInfo, seq uint64, hdr, body []byte) ([]byte, error) {
 	blk, err := aes.NewCipher(ci.Key)
 	if err != nil {
 		return nil, err
@@ -180,7 +180,7 @@ func TestMarshalLayout(t *testing.T) {
 		{tls.TLS_AES_128_GCM_SHA256, 4 + 8 + 16 + 4 + 8, cipherAESGCM128},
 		{tls.TLS_AES_256_GCM_SHA384, 4 + 8 + 32 + 4 + 8, cipherAESGCM256},
 	} {
-		ci, err := TrafficKeys(tc.suite, bytes.Repeat([]byte{1}, 48), 0x0102030405060708)
+		ci, err := trafficKeys(tc.suite, bytes.Repeat([]byte{1}, 48), 0x0102030405060708)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -211,7 +211,7 @@ func TestMarshalLayout(t *testing.T) {
 			t.Fatalf("rec_seq %x, want big-endian 0102030405060708", b[off:])
 		}
 	}
-	if _, err := TrafficKeys(tls.TLS_CHACHA20_POLY1305_SHA256, make([]byte, 32), 0); !errors.Is(err, ErrUnsupported) {
+	if _, err := trafficKeys(tls.TLS_CHACHA20_POLY1305_SHA256, make([]byte, 32), 0); !errors.Is(err, ErrUnsupported) {
 		t.Fatalf("ChaCha20 accepted for offload: %v", err)
 	}
 }
@@ -249,8 +249,8 @@ func TestProbeAndInstallFallBackCleanly(t *testing.T) {
 		return // a kTLS kernel: installing keys on a non-TLS stream is out of scope here
 	}
 	rc, _ := c.(*net.TCPConn).SyscallConn()
-	ci, _ := TrafficKeys(tls.TLS_AES_128_GCM_SHA256, make([]byte, 32), 0)
-	if err := Install(rc, &ci, &ci); !errors.Is(err, ErrUnsupported) {
+	ci, _ := trafficKeys(tls.TLS_AES_128_GCM_SHA256, make([]byte, 32), 0)
+	if err := install(rc, &ci, &ci); !errors.Is(err, ErrUnsupported) {
 		t.Fatalf("Install on a kernel without kTLS: %v, want ErrUnsupported", err)
 	}
 	// The socket is untouched: plain bytes still flow.

@@ -1,7 +1,6 @@
 package lifecycle
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -17,6 +16,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/straitproxy/strait/internal/testutil"
 )
 
 // The fake systemd is a unixgram socket in t.TempDir(), named by
@@ -372,7 +373,7 @@ func TestWatchdogPingsOnlyWhileHealthy(t *testing.T) {
 	sd := newFakeSystemd(t)
 	t.Setenv("WATCHDOG_USEC", "30000000")
 	t.Setenv("WATCHDOG_PID", strconv.Itoa(os.Getpid()))
-	var logs syncBuffer
+	var logs testutil.Buffer
 	n := New(hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Info}))
 	if n.WatchdogTimeout() != 30*time.Second {
 		t.Fatalf("watchdog timeout %v, want 30s", n.WatchdogTimeout())
@@ -470,7 +471,7 @@ func TestAbstractNotifySocket(t *testing.T) {
 func TestNotifyFailureIsLoggedOnce(t *testing.T) {
 	sd := newFakeSystemd(t)
 	path := os.Getenv("NOTIFY_SOCKET")
-	var logs syncBuffer
+	var logs testutil.Buffer
 	n := New(hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Info}))
 	n.Ready()
 	sd.expect("READY", "1")
@@ -522,23 +523,4 @@ func TestRaiseNoFile(t *testing.T) {
 	if soft2, hard2, err := RaiseNoFile(); err != nil || soft2 != soft || hard2 != hard {
 		t.Fatalf("second RaiseNoFile = %d, %d, %v", soft2, hard2, err)
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe to write from the Watchdog goroutine
-// and read from the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

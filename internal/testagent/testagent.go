@@ -8,19 +8,12 @@
 package testagent
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
-	"encoding/pem"
-	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"strconv"
 	"sync"
 	"testing"
@@ -28,6 +21,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/straitproxy/strait/internal/testutil"
 	"github.com/straitproxy/strait/tlsutil"
 )
 
@@ -42,9 +36,7 @@ type Agent struct {
 	t   testing.TB
 	srv *httptest.Server
 
-	caCert *x509.Certificate
-	caKey  *ecdsa.PrivateKey
-	caPEM  string
+	ca *testutil.CA
 
 	mu           sync.Mutex
 	index        uint64
@@ -67,7 +59,7 @@ func Start(t testing.TB) *Agent {
 		endpoints: map[string][]*api.ServiceEntry{}, leaves: map[string]*api.LeafCert{},
 		down: make(chan struct{}),
 	}
-	a.newCA()
+	a.ca = testutil.NewCA(t, TrustDomain)
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/agent/connect/ca/roots", a.roots)
 	mux.HandleFunc("GET /v1/agent/connect/ca/leaf/{service}", a.leaf)
@@ -198,67 +190,16 @@ func (a *Agent) SetFailing(f bool) {
 // ClientCert issues a leaf for service, for a test that dials a public
 // listener itself.
 func (a *Agent) ClientCert(service string) tls.Certificate {
-	certPEM, keyPEM, _ := a.issue(service, time.Now().Add(72*time.Hour))
-	c, err := tls.X509KeyPair([]byte(certPEM), []byte(keyPEM))
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	return c
+	return a.issue(service).Cert
 }
 
 // Roots is the CA pool.
 func (a *Agent) Roots() *x509.CertPool {
-	p := x509.NewCertPool()
-	p.AddCert(a.caCert)
-	return p
+	return a.ca.Pool()
 }
 
-func (a *Agent) newCA() {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	u, _ := url.Parse("spiffe://" + TrustDomain)
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "Consul CA (test)"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true, IsCA: true, URIs: []*url.URL{u},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	a.caCert, _ = x509.ParseCertificate(der)
-	a.caKey = key
-	a.caPEM = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
-}
-
-func (a *Agent) issue(service string, notAfter time.Time) (certPEM, keyPEM, serial string) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	u, _ := url.Parse(ServiceID(service))
-	sn, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
-	tmpl := &x509.Certificate{
-		SerialNumber: sn.Add(sn, big.NewInt(2)), Subject: pkix.Name{CommonName: service},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: notAfter,
-		KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment | x509.KeyUsageKeyAgreement,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		URIs:        []*url.URL{u},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.caCert, &key.PublicKey, a.caKey)
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})),
-		string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})),
-		tlsutil.FormatSerial(tmpl.SerialNumber.Bytes())
+func (a *Agent) issue(service string) *testutil.Leaf {
+	return a.ca.Leaf(a.t, service, testutil.LeafOptions{URI: ServiceID(service)})
 }
 
 // block waits, as a blocking query does, while the client's index is
@@ -305,10 +246,7 @@ func (a *Agent) roots(w http.ResponseWriter, r *http.Request) {
 	if !a.block(w, r) {
 		return
 	}
-	a.reply(w, &api.CARootList{
-		ActiveRootID: "root-1", TrustDomain: TrustDomain,
-		Roots: []*api.CARoot{{ID: "root-1", Name: "test root", RootCertPEM: a.caPEM, Active: true}},
-	})
+	a.reply(w, testutil.RootList(TrustDomain, a.ca))
 }
 
 func (a *Agent) leaf(w http.ResponseWriter, r *http.Request) {
@@ -331,8 +269,8 @@ func (a *Agent) leaf(w http.ResponseWriter, r *http.Request) {
 	a.mu.Lock()
 	l := a.leaves[svc]
 	if l == nil {
-		certPEM, keyPEM, serial := a.issue(svc, time.Now().Add(72*time.Hour))
-		l = &api.LeafCert{SerialNumber: serial, CertPEM: certPEM, PrivateKeyPEM: keyPEM, Service: svc, ServiceURI: ServiceID(svc)}
+		i := a.issue(svc)
+		l = &api.LeafCert{SerialNumber: i.Serial, CertPEM: i.CertPEM, PrivateKeyPEM: i.KeyPEM, Service: svc, ServiceURI: ServiceID(svc)}
 		a.leaves[svc] = l
 	}
 	a.mu.Unlock()

@@ -1,0 +1,86 @@
+package admin
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/straitproxy/strait/proxy"
+)
+
+// TestMetricsAtZeroWhenReady: once /ready says 200, and before the first
+// periodic flush (FlushInterval is left at its 5s default) or any
+// connection, /metrics has every strait series whose labels are known at
+// start, at zero; and the exposition passes promtool.
+func TestMetricsAtZeroWhenReady(t *testing.T) {
+	t.Parallel()
+	e := startWith(t, Settings{}, func(o *proxy.Options) { o.Tunnels = true })
+	e.deliver()
+	e.waitReady(t)
+	code, body := get(t, e.base+"/metrics")
+	if code != 200 {
+		t.Fatalf("/metrics %d", code)
+	}
+	up := `{src="web",dst_type="service",dst="web"}`
+	want := []string{
+		`inbound_conns{dst="web"} 0`,
+		`inbound_rx_bytes_total{dst="web"} 0`,
+		`inbound_tx_bytes_total{dst="web"} 0`,
+		`inbound_conn_duration_seconds_count{dst="web"} 0`,
+		`inbound_conn_duration_seconds_sum{dst="web"} 0`,
+		`inbound_app_dial_failed_total{dst="web",reason="app_refused"} 0`,
+		`inbound_app_dial_failed_total{dst="web",reason="app_unreachable"} 0`,
+		`upstream_conns` + up + ` 0`,
+		`upstream_rx_bytes_total` + up + ` 0`,
+		`upstream_tx_bytes_total` + up + ` 0`,
+		`upstream_conn_duration_seconds_count` + up + ` 0`,
+		`upstream_dial_failed_total` + up + ` 0`,
+		`upstream_dial_retries_total` + up + ` 0`,
+		`upstream_ejected_endpoints` + up + ` 0`,
+		`upstream_healthy_endpoints` + up + ` `,
+		`leaf_time_to_expiry_seconds{service="web"} `,
+	}
+	for _, r := range []string{"timeout", "no_client_cert", "untrusted_chain", "wrong_trust_domain", "not_a_service",
+		"not_ready", "leaf_expired", "authz_error", "peer_closed", "shutdown", "tls_error"} {
+		want = append(want, `inbound_handshake_failed_total{dst="web",reason="`+r+`"} 0`)
+	}
+	for _, r := range []string{"max_tunnels", "max_streams", "stream_rate", "bad_header", "framing"} {
+		want = append(want, `inbound_tunnel_refused_total{dst="web",reason="`+r+`"} 0`)
+	}
+	for _, w := range want {
+		if !strings.Contains(body, "\n"+w) {
+			t.Errorf("/metrics of a fresh proxy lacks %q", w)
+		}
+	}
+	if t.Failed() {
+		t.Logf("/metrics:\n%s", body)
+	}
+	promtoolCheck(t, body)
+}
+
+// promtoolCheck runs Prometheus's own linter on an exposition and fails
+// on any finding. Without promtool it skips, unless STRAIT_REQUIRE_TOOLS=1
+// (make test-unit, CI) makes that a failure.
+func promtoolCheck(t *testing.T, exposition string) {
+	t.Helper()
+	path, err := exec.LookPath("promtool")
+	if err != nil {
+		if os.Getenv("STRAIT_REQUIRE_TOOLS") == "1" {
+			t.Fatalf("promtool not found and STRAIT_REQUIRE_TOOLS=1 (install the Debian package prometheus): %v", err)
+		}
+		t.Skip("promtool not on PATH; set STRAIT_REQUIRE_TOOLS=1 to make this a failure")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, path, "check", "metrics")
+	cmd.Stdin = strings.NewReader(exposition)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil || strings.TrimSpace(out.String()) != "" {
+		t.Fatalf("promtool check metrics: %v\n%s\nexposition:\n%s", err, out.String(), exposition)
+	}
+}

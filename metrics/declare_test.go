@@ -1,0 +1,112 @@
+package metrics
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestDeclare: declared counters and summaries are exposed at zero under
+// the prefix, filtered like emissions, and never sent to statsd.
+func TestDeclare(t *testing.T) {
+	t.Parallel()
+	statsd := listenUDP(t)
+	m := New(Options{})
+	t.Cleanup(m.Close)
+	if err := m.Configure(Telemetry{MetricsPrefix: "strait", StatsdAddr: statsd.LocalAddr().String(),
+		BlockedPrefixes: []string{"strait.watch"}}); err != nil {
+		t.Fatal(err)
+	}
+	l := []Label{{Name: "src", Value: "web"}, {Name: "dst_type", Value: "service"}, {Name: "dst", Value: "db"}}
+	m.Declare(UpstreamRxBytes, l)
+	m.Declare(UpstreamDuration, l)
+	m.Declare(UpstreamConns, l) // a gauge: not declared
+	m.Declare(WatchErrors, []Label{{Name: "watch", Value: "leaf web"}})
+	var prom bytes.Buffer
+	m.WritePrometheus(&prom)
+	s := prom.String()
+	for _, w := range []string{
+		`strait_upstream_rx_bytes_total{src="web",dst_type="service",dst="db"} 0`,
+		`strait_upstream_conn_duration_seconds_sum{src="web",dst_type="service",dst="db"} 0`,
+		`strait_upstream_conn_duration_seconds_count{src="web",dst_type="service",dst="db"} 0`,
+	} {
+		if !strings.Contains(s, w+"\n") {
+			t.Errorf("lacks %q", w)
+		}
+	}
+	if strings.Contains(s, "conns") || strings.Contains(s, "watch") {
+		t.Errorf("a gauge or a filtered series was declared")
+	}
+	if t.Failed() {
+		t.Fatalf("prometheus:\n%s", s)
+	}
+	// The first line statsd sees is the first real emission.
+	m.IncrCounter(UpstreamDialFailed, 1, l)
+	buf := make([]byte, 65536)
+	statsd.SetReadDeadline(time.Now().Add(10 * time.Second))
+	n, _, err := statsd.ReadFrom(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.SplitN(string(buf[:n]), "\n", 2)[0]; got != "strait.upstream.dial_failed.web.service.db:1.000000|c" {
+		t.Fatalf("statsd's first line %q", got)
+	}
+}
+
+// TestEveryNamePassesPromtool: every name strait knows, emitted under a
+// dotted prefix, makes an exposition Prometheus's linter accepts.
+func TestEveryNamePassesPromtool(t *testing.T) {
+	t.Parallel()
+	m := New(Options{})
+	t.Cleanup(m.Close)
+	if err := m.Configure(Telemetry{MetricsPrefix: "consul.proxy"}); err != nil {
+		t.Fatal(err)
+	}
+	l := []Label{{Name: "dst", Value: "web"}}
+	for dotted, d := range promDescs {
+		key := strings.Split(dotted, ".")
+		switch d.kind {
+		case kindCounter:
+			m.IncrCounter(key, 1, l)
+			m.SetGauge(key, 2, []Label{{Name: "dst", Value: "gauge-fed"}})
+		case kindGauge:
+			m.SetGauge(key, 1, l)
+		case kindSummary:
+			m.AddSample(key, 1, l)
+		}
+	}
+	m.EmitRuntimeStats()
+	var prom bytes.Buffer
+	m.WritePrometheus(&prom)
+	if !strings.Contains(prom.String(), `consul_proxy_inbound_rx_bytes_total{dst="web"} 1`) {
+		t.Fatalf("prefix not applied:\n%s", prom.String())
+	}
+	promtoolCheck(t, prom.String())
+}
+
+// promtoolCheck runs Prometheus's own linter on an exposition and fails
+// on any finding. Without promtool it skips, unless STRAIT_REQUIRE_TOOLS=1
+// (make test-unit, CI) makes that a failure.
+func promtoolCheck(t *testing.T, exposition string) {
+	t.Helper()
+	path, err := exec.LookPath("promtool")
+	if err != nil {
+		if os.Getenv("STRAIT_REQUIRE_TOOLS") == "1" {
+			t.Fatalf("promtool not found and STRAIT_REQUIRE_TOOLS=1 (install the Debian package prometheus): %v", err)
+		}
+		t.Skip("promtool not on PATH; set STRAIT_REQUIRE_TOOLS=1 to make this a failure")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, path, "check", "metrics")
+	cmd.Stdin = strings.NewReader(exposition)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil || strings.TrimSpace(out.String()) != "" {
+		t.Fatalf("promtool check metrics: %v\n%s\nexposition:\n%s", err, out.String(), exposition)
+	}
+}
