@@ -70,7 +70,7 @@ func TestMaxInboundConnectionsFromServiceDefaults(t *testing.T) {
 		if !straitHasAdmin {
 			return -1
 		}
-		series, err := promSeries(server, "inbound_conns_refused")
+		series, err := promSeries(server, "inbound_conns_refused_total")
 		if err != nil {
 			t.Fatal(err)
 		}
