@@ -17,7 +17,7 @@ import (
 // agent's merged registration (Proxy.Config max_inbound_connections). 300
 // silent connections to strait's public listener leave at most 50 open
 // (waiting in their handshake); the rest are closed at once and counted in
-// inbound_conns_refused{reason="max_inbound_connections"}. Once the flood
+// inbound_conns_refused_total{reason="max_inbound_connections"}. Once the flood
 // ends, a real client gets through the strait pair. Lowering the entry to
 // 20 applies without a restart.
 func TestMaxInboundConnectionsFromServiceDefaults(t *testing.T) {
@@ -70,7 +70,7 @@ func TestMaxInboundConnectionsFromServiceDefaults(t *testing.T) {
 		if !straitHasAdmin {
 			return -1
 		}
-		series, err := promSeries(server, "inbound_conns_refused")
+		series, err := promSeries(server, "inbound_conns_refused_total")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -116,7 +116,7 @@ func TestMaxInboundConnectionsFromServiceDefaults(t *testing.T) {
 	if straitHasAdmin {
 		eventually(t, 10*time.Second, func() error {
 			if d := refusedMetric() - before; d != float64(n-open) {
-				return fmt.Errorf("inbound_conns_refused{reason=max_inbound_connections} grew by %v, %d connections were closed", d, n-open)
+				return fmt.Errorf("inbound_conns_refused_total{reason=max_inbound_connections} grew by %v, %d connections were closed", d, n-open)
 			}
 			return nil
 		})

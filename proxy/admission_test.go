@@ -110,7 +110,7 @@ func TestMaxInboundConnectionsBoundsSilentConnects(t *testing.T) {
 	if got := closedByPeer(conns, 500*time.Millisecond); got != n-limit {
 		t.Fatalf("%d of %d silent connections were closed by strait, want %d", got, n, n-limit)
 	}
-	if s := fmt.Sprintf(`inbound_conns_refused{dst="web",reason="max_inbound_connections"} %d`, n-limit); !strings.Contains(h.prom(), s+"\n") {
+	if s := fmt.Sprintf(`inbound_conns_refused_total{dst="web",reason="max_inbound_connections"} %d`, n-limit); !strings.Contains(h.prom(), s+"\n") {
 		t.Fatalf("metrics lack %s:\n%s", s, h.prom())
 	}
 
@@ -163,7 +163,7 @@ func TestMaxHandshakesDefault(t *testing.T) {
 	if got := closedByPeer(conns, 500*time.Millisecond); got != extra {
 		t.Fatalf("%d silent connections were closed by strait, want %d", got, extra)
 	}
-	if s := fmt.Sprintf(`inbound_conns_refused{dst="web",reason="max_handshakes"} %d`, extra); !strings.Contains(h.prom(), s+"\n") {
+	if s := fmt.Sprintf(`inbound_conns_refused_total{dst="web",reason="max_handshakes"} %d`, extra); !strings.Contains(h.prom(), s+"\n") {
 		t.Fatalf("metrics lack %s", s)
 	}
 }
@@ -233,7 +233,7 @@ func TestMaxInboundConnectionsCountsTunnelStreams(t *testing.T) {
 	if _, err := pool.Open(context.Background(), "k", nil, "web", nil); !errors.Is(err, tunnel.ErrNoRoom) {
 		t.Fatalf("a fourth stream with max_inbound_connections 3: %v", err)
 	}
-	if s := `inbound_conns_refused{dst="web",reason="max_inbound_connections"} 1`; !strings.Contains(h.prom(), s+"\n") {
+	if s := `inbound_conns_refused_total{dst="web",reason="max_inbound_connections"} 1`; !strings.Contains(h.prom(), s+"\n") {
 		t.Fatalf("metrics lack %s", s)
 	}
 	if c, err := h.dialPublic("web"); err == nil {
