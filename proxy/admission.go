@@ -135,7 +135,7 @@ func (p *Proxy) admitHandshake() bool {
 // refusal and returns nil. serveTunnel calls it first.
 func (p *Proxy) admitStream(c *tunnel.Conn, release func()) func() {
 	if reason := p.admit.acquireConn(); reason != "" {
-		c.Refuse(tunnel.StatusRefused)
+		c.Refuse(tunnel.StatusBusy)
 		release()
 		p.refusedByLimit(reason, true)
 		return nil

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,6 +21,10 @@ var ErrNoRoom = errors.New("tunnel: no room in the pool")
 // stream on a client tunnel, which the protocol does not allow; the tunnel
 // is closed for it.
 var ErrServerStream = errors.New("tunnel: the server opened a stream")
+
+// limitMemory is how long a tunnel keeps the stream count at which its
+// server refused a stream as its limit.
+const limitMemory = time.Second
 
 // Pool holds client tunnels per key (an endpoint). Safe for concurrent use.
 type Pool struct {
@@ -47,9 +52,11 @@ type tun struct {
 	gen  any     // what it was dialed with (the certificate bundle)
 	// pending: slots reserved by opens in progress (under Pool.mu).
 	pending int
-	// limit, when > 0, is a stream count the server refused at: no new
-	// streams while live streams are at or above it (under Pool.mu).
-	limit   int
+	// limit, when > 0, is a stream count the server refused at: until
+	// limitUntil, no new streams while live streams are at or above it
+	// (under Pool.mu).
+	limit      int
+	limitUntil time.Time
 	idle    *time.Timer
 	dialing bool
 	// draining: the server refused a stream because it is draining; live
@@ -98,11 +105,12 @@ func (p *Pool) Open(ctx context.Context, key string, gen any, service string, di
 	if err != nil {
 		return nil, err
 	}
+	var refusedBy []*tun // not asked again in this Open
 	for range p.maxTunnels() + 1 {
 		if err := ctx.Err(); err != nil {
 			return nil, context.Cause(ctx)
 		}
-		t, err := p.pick(ctx, key, gen, dial)
+		t, err := p.pick(ctx, key, gen, dial, refusedBy)
 		if err != nil {
 			return nil, err
 		}
@@ -110,6 +118,7 @@ func (p *Pool) Open(ctx context.Context, key string, gen any, service string, di
 		if err == nil || !errors.Is(err, errRefused) {
 			return c, err
 		}
+		refusedBy = append(refusedBy, t)
 	}
 	return nil, ErrNoRoom
 }
@@ -173,7 +182,7 @@ func (p *Pool) newTun(key string, conn net.Conn, gen any) (*tun, error) {
 }
 
 // pick returns a tunnel with a stream slot reserved for the caller.
-func (p *Pool) pick(ctx context.Context, key string, gen any, dial func(context.Context) (net.Conn, error)) (*tun, error) {
+func (p *Pool) pick(ctx context.Context, key string, gen any, dial func(context.Context) (net.Conn, error), skip []*tun) (*tun, error) {
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
@@ -188,7 +197,7 @@ func (p *Pool) pick(ctx context.Context, key string, gen any, dial func(context.
 		}
 		usable++
 		load := t.load()
-		if t.dialing || load >= p.maxStreams() || (t.limit > 0 && load >= t.limit) {
+		if t.dialing || slices.Contains(skip, t) || load >= p.maxStreams() || (t.limit > 0 && load >= t.limit && time.Now().Before(t.limitUntil)) {
 			continue
 		}
 		if best == nil || load < best.load() {
@@ -300,16 +309,14 @@ func (p *Pool) openOn(ctx context.Context, key string, t *tun, hdr []byte) (*Con
 			t.draining = true
 			p.mu.Unlock()
 			err = errors.Join(errRefused, err)
-		case errors.As(err, &se) && se.Remote && se.ErrorCode == StatusRate:
+		case errors.As(err, &se) && se.Remote && (se.ErrorCode == StatusRate || se.ErrorCode == StatusBusy):
 			err = errors.Join(errRefused, err)
 		case errors.As(err, &se) && se.Remote:
 			// The server's stream limit (StatusRefused, or yamux's own
 			// reset, code 0): it has fewer slots than we thought. Learn
 			// them; the retry goes to another tunnel.
 			p.mu.Lock()
-			if live := int(t.b.live.Load()); t.limit == 0 || live < t.limit {
-				t.limit = max(live, 1)
-			}
+			t.limit, t.limitUntil = max(int(t.b.live.Load()), 1), time.Now().Add(limitMemory)
 			p.mu.Unlock()
 			err = errors.Join(errRefused, err)
 		case ctx.Err() == nil:

@@ -74,6 +74,7 @@ const (
 	StatusBadHeader   = 4
 	StatusDraining    = 5 // the server is draining: no new streams on this tunnel
 	StatusRate        = 6 // the tunnel opened streams too fast: try another
+	StatusBusy        = 7 // the server takes no more connections now (its admission limits)
 )
 
 // Errors of a stream open (Pool.Open).
