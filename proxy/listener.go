@@ -32,7 +32,7 @@ type server struct {
 	// streams.
 	drainCtx   context.Context
 	drainStart context.CancelFunc
-	wg      sync.WaitGroup // accept loop + handlers
+	wg         sync.WaitGroup // accept loop + handlers
 
 	accepted atomic.Int64
 	refused  atomic.Int64 // by admit

@@ -57,8 +57,8 @@ type tun struct {
 	// (under Pool.mu).
 	limit      int
 	limitUntil time.Time
-	idle    *time.Timer
-	dialing bool
+	idle       *time.Timer
+	dialing    bool
 	// draining: the server refused a stream because it is draining; live
 	// streams finish, new ones go elsewhere (under Pool.mu).
 	draining bool
