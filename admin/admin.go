@@ -178,7 +178,7 @@ type Stats struct {
 	ActiveConnections int   `json:"active_connections"`
 	RxBytes           int64 `json:"rx_bytes"`
 	TxBytes           int64 `json:"tx_bytes"`
-	// Tunnels counts strait-mux/1 tunnels and their streams.
+	// Tunnels counts strait-mux/2 tunnels and their streams.
 	Tunnels *proxy.TunnelStats `json:"tunnels,omitempty"`
 }
 

@@ -33,7 +33,7 @@ func getTunnelStats(t *testing.T, p *proc) tunnelStats {
 }
 
 // TestStraitPairTunnels: strait<->strait connections ride as streams of
-// strait-mux/1 tunnels (visible in /stats); 1,000 concurrent connections
+// strait-mux/2 tunnels (visible in /stats); 1,000 concurrent connections
 // are byte-exact over the pool; killing the server side mid-stream ends
 // the app's connection at once, and a restarted server works again.
 func TestStraitPairTunnels(t *testing.T) {

@@ -65,7 +65,7 @@ type Options struct {
 	// DrainTimeout bounds how long a removed or changed listener's live
 	// connections may continue after a reconfiguration; zero means 15s.
 	DrainTimeout time.Duration
-	// Tunnels enables strait-mux/1 tunnels (package tunnel) with strait
+	// Tunnels enables strait-mux/2 tunnels (package tunnel) with strait
 	// peers, on the public listener and for upstreams.
 	Tunnels bool
 	// TunnelMaxStreams limits concurrent streams per tunnel (both sides);

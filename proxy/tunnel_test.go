@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -8,11 +9,15 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/hashicorp/go-hclog"
+	"github.com/libp2p/go-yamux/v5"
 
 	"github.com/straitproxy/strait/config"
 	"github.com/straitproxy/strait/internal/testagent"
@@ -180,7 +185,7 @@ func TestTunnelsPerPeerLimit(t *testing.T) {
 }
 
 // TestTunnelBrokenFramingEndsTunnel: a peer that sends bytes that are not
-// yamux frames on a strait-mux/1 connection loses the whole tunnel, and
+// yamux frames on a strait-mux/2 connection loses the whole tunnel, and
 // the app is never dialed.
 func TestTunnelBrokenFramingEndsTunnel(t *testing.T) {
 	t.Parallel()
@@ -208,7 +213,7 @@ func TestTunnelBrokenFramingEndsTunnel(t *testing.T) {
 }
 
 // dialMux dials the public listener as the strait peer "web" offering
-// only strait-mux/1, and checks that the tunnel protocol was selected.
+// only strait-mux/2, and checks that the tunnel protocol was selected.
 func (h *harness) dialMux(t *testing.T) *tls.Conn {
 	t.Helper()
 	tc, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", h.p.PublicAddr().String(), &tls.Config{
@@ -221,4 +226,86 @@ func (h *harness) dialMux(t *testing.T) *tls.Conn {
 		t.Fatalf("negotiated %q", got)
 	}
 	return tc
+}
+
+// countWriter counts the lines written to it.
+type countWriter struct{ n atomic.Int64 }
+
+func (w *countWriter) Write(p []byte) (int, error) {
+	w.n.Add(int64(bytes.Count(p, []byte{'\n'})))
+	return len(p), nil
+}
+
+// TestHostileTunnelPeerBounded: an allowed peer that opens 2,000 streams
+// the server refuses (another service, a bad header), each followed by
+// 128 KiB that it never finishes, grows the server's heap by less than
+// 64 MiB and makes it write fewer than 50 log and access-log lines; the
+// tunnel still serves a good stream afterwards.
+func TestHostileTunnelPeerBounded(t *testing.T) {
+	var logged countWriter
+	h := startHarness(t, AccessLogDeniedOnly, config.Public{}, withTunnels, func(o *Options) {
+		o.Logger = hclog.New(&hclog.LoggerOptions{Output: &logged, Level: hclog.Info})
+		o.AccessLogger = hclog.New(&hclog.LoggerOptions{Output: &logged})
+	})
+	heap := func() int64 {
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return int64(m.HeapInuse)
+	}
+	before, linesBefore := heap(), logged.n.Load()
+
+	yc := yamux.DefaultConfig()
+	yc.LogOutput = io.Discard
+	sess, err := yamux.Client(h.dialMux(t), yc, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Close()
+	good, _ := tunnel.AppendHeader(nil, "web")
+	other, _ := tunnel.AppendHeader(nil, "db")
+	payload := make([]byte, 128<<10)
+	const streams = 2000
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 64)
+	for i := range streams {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			st, err := sess.OpenStream(context.Background())
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			hdr := other
+			if i%2 == 1 {
+				hdr = []byte{9, 1, 'x'} // a bad header
+			}
+			st.Write(hdr)
+			st.Write(payload) // fails once the server's reset is in; never closed
+		})
+	}
+	wg.Wait()
+	// Frames are handled in order: once a good stream answers, every
+	// refused one before it has been handled.
+	st, err := sess.OpenStream(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.Write(good)
+	st.SetDeadline(time.Now().Add(10 * time.Second))
+	if b := make([]byte, 1); func() error { _, err := io.ReadFull(st, b); return err }() != nil || b[0] != tunnel.StatusOK {
+		t.Fatal("the tunnel did not serve a good stream after the refused ones")
+	}
+	roundTrip(t, st, "still here")
+
+	grown := heap() - before
+	lines := logged.n.Load() - linesBefore
+	t.Logf("%d refused streams of 128 KiB: heap +%d KiB, %d log lines", streams, grown>>10, lines)
+	if grown > 64<<20 {
+		t.Errorf("heap grew by %d MiB", grown>>20)
+	}
+	if lines >= 50 {
+		t.Errorf("%d log lines for %d refused streams", lines, streams)
+	}
 }

@@ -55,7 +55,7 @@ const ALPNStrait = "strait/1"
 // ALPNStrait; a strait server with tunnels enabled selects it when offered.
 // Selecting it carries ALPNStrait's promise and more: the server authorizes
 // every stream against intentions with the tunnel's verified peer identity.
-const ALPNMux = "strait-mux/1"
+const ALPNMux = "strait-mux/2"
 
 // ServerConfig returns the public listener's TLS config. Every handshake
 // gets a config built from the material current at that moment, so a

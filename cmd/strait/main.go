@@ -111,7 +111,7 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.StringVar(&o.pprofAddr, "pprof-addr", "", "Serve net/http/pprof on this `host:port` (see also -admin-pprof).")
 	fs.DurationVar(&o.shutdownGrace, "shutdown-grace", 15*time.Second, "On SIGINT/SIGTERM, how long live connections may finish.")
 	fs.DurationVar(&o.halfCloseTimeout, "half-close-timeout", proxy.DefaultHalfCloseTimeout, "Idle limit of a connection one side of which has finished sending.")
-	fs.StringVar(&o.tunnels, "tunnels", "on", "Multiplex connections to other strait proxies as streams in pooled mTLS tunnels (ALPN strait-mux/1), `on|off`. Other peers always get one TLS connection per connection.")
+	fs.StringVar(&o.tunnels, "tunnels", "on", "Multiplex connections to other strait proxies as streams in pooled mTLS tunnels (ALPN strait-mux/2), `on|off`. Other peers always get one TLS connection per connection.")
 	fs.StringVar(&o.tlsKex, "tls-kex", "hybrid", "TLS key exchange, `hybrid|x25519`: hybrid puts post-quantum X25519MLKEM768 first (Go's default), x25519 makes handshakes cheaper.")
 	fs.StringVar(&o.ktls, "ktls", "auto", "Kernel TLS offload, `auto|off`: auto probes and reports it at start.")
 	fs.IntVar(&o.maxInbound, "max-inbound-connections", 0, "`Limit` of concurrent inbound connections (tunnel streams included) plus handshakes in progress; overrides the registration's max_inbound_connections (service-defaults MaxInboundConnections). 0: take the registration's, else no limit.")
