@@ -17,7 +17,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
-	"github.com/libp2p/go-yamux/v5"
+	"github.com/straitproxy/strait/internal/yamux"
 
 	"github.com/straitproxy/strait/config"
 	"github.com/straitproxy/strait/internal/testagent"
@@ -257,6 +257,7 @@ func TestHostileTunnelPeerBounded(t *testing.T) {
 
 	yc := yamux.DefaultConfig()
 	yc.LogOutput = io.Discard
+	yc.InitialStreamWindowSize = tunnel.InitialWindow // strait-mux/2's
 	sess, err := yamux.Client(h.dialMux(t), yc, nil)
 	if err != nil {
 		t.Fatal(err)

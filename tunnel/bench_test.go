@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/libp2p/go-yamux/v5"
+	"github.com/straitproxy/strait/internal/yamux"
 )
 
 // tlsPair returns the two ends of a TLS 1.3 connection over loopback TCP.

@@ -10,7 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/libp2p/go-yamux/v5"
+	"github.com/straitproxy/strait/internal/yamux"
 )
 
 // ErrNoRoom means every tunnel to the peer is full and no more may be

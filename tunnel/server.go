@@ -7,7 +7,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/libp2p/go-yamux/v5"
+	"github.com/straitproxy/strait/internal/yamux"
 	"golang.org/x/time/rate"
 )
 

@@ -2,8 +2,10 @@
 // long-lived mTLS connections between two strait proxies (ALPN
 // tlsutil.ALPNMux, "strait-mux/2").
 //
-// Framing is yamux (github.com/libp2p/go-yamux: stream resets with error
-// codes, context-aware opens, per-stream memory accounting). On a new
+// Framing is yamux (a fork of github.com/libp2p/go-yamux in
+// strait/internal/yamux, see its FORK.md: stream resets with error codes,
+// context-aware opens, per-stream memory accounting, and a small initial
+// window both ends agree on). On a new
 // stream the client writes the stream header at once:
 //
 //	byte 0      version (2)
@@ -25,11 +27,13 @@
 // reset, never left half-open, so the client's count is never below the
 // server's and a client within the server's MaxStreams is never refused.
 //
-// Memory: a stream may have the yamux initial window (256 KiB) in flight;
+// Memory: a stream may have InitialWindow (16 KiB) unread in flight;
 // window growth beyond it (up to StreamWindow per stream) is drawn from a
-// per-tunnel budget (DefaultTunnelBudget). Refused streams are reset at
-// once, so data sent on them is dropped on arrival. docs/limits.md has the
-// worst case per peer.
+// per-tunnel budget (DefaultTunnelBudget). What a peer can make a tunnel
+// buffer is therefore at most MaxStreams x InitialWindow + the budget
+// (16 MiB with the defaults). Refused streams are reset at once, so data
+// sent on them is dropped on arrival. docs/limits.md has the worst case
+// per peer.
 package tunnel
 
 import (
@@ -40,7 +44,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/libp2p/go-yamux/v5"
+	"github.com/straitproxy/strait/internal/yamux"
 )
 
 // Version is the stream header version.
@@ -48,9 +52,14 @@ const Version = 2
 
 // Defaults.
 const (
-	DefaultMaxTunnels  = 8
-	DefaultMaxStreams  = 1024
+	DefaultMaxTunnels  = 4
+	DefaultMaxStreams  = 512
 	DefaultIdleTimeout = 90 * time.Second
+	// InitialWindow is the receive window a stream starts with, in both
+	// directions (strait-mux/2 fixes it; yamux's specification says 256
+	// KiB). It is all a peer can make us buffer for a stream without our
+	// granting more from the tunnel's budget.
+	InitialWindow = 16 << 10
 	// StreamWindow is the largest receive window a stream grows to. yamux's
 	// 256 KiB initial window stalls bulk streams on window updates: in make
 	// bench, 1 MiB left 8 streams at 0.95-0.98x classic TLS, 2 MiB at
@@ -58,7 +67,7 @@ const (
 	StreamWindow = 4 << 20
 	// DefaultTunnelBudget bounds the window growth of all streams of one
 	// tunnel together (see the package doc).
-	DefaultTunnelBudget = 16 << 20
+	DefaultTunnelBudget = 8 << 20
 	// frameSize is the largest yamux frame: eight full TLS records
 	// (header included), so that a bulk stream's frames fill records.
 	frameSize = 8 * 16384
@@ -124,6 +133,7 @@ func ReadHeader(r io.Reader) (string, error) {
 func yamuxConfig(maxIncoming int) *yamux.Config {
 	c := yamux.DefaultConfig()
 	c.LogOutput = io.Discard
+	c.InitialStreamWindowSize = InitialWindow
 	c.MaxStreamWindowSize = StreamWindow
 	c.MaxMessageSize = frameSize
 	c.MaxIncomingStreams = uint32(maxIncoming)

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/libp2p/go-yamux/v5"
+	"github.com/straitproxy/strait/internal/yamux"
 )
 
 func FuzzHeader(f *testing.F) {
@@ -541,5 +541,77 @@ func eventually(t *testing.T, cond func() bool) {
 			t.Fatal("condition not met in 10s")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestTunnelBufferCap: a peer that fills every stream of a tunnel whose
+// application never reads makes the tunnel hold at most MaxStreams x
+// InitialWindow + the tunnel's budget, not MaxStreams x StreamWindow.
+func TestTunnelBufferCap(t *testing.T) {
+	const streams = 256
+	const budget = 2 << 20
+	hold := make(chan struct{})
+	defer close(hold)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		Serve(context.Background(), c, Limits{MaxStreams: streams, Budget: budget}, func(c *Conn, svc string) {
+			c.Accept()
+			go func() { <-hold; c.Close() }() // never reads
+		}, nil)
+	}()
+	heap := func() int64 {
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return int64(m.HeapInuse)
+	}
+	p := &Pool{MaxStreams: streams, MaxTunnels: 1}
+	defer p.Close()
+	dial := func(ctx context.Context) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "tcp", ln.Addr().String())
+	}
+	before := heap()
+	var cs []*Conn
+	for range streams {
+		c, err := p.Open(context.Background(), "k", 1, "echo", dial)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cs = append(cs, c)
+	}
+	afterOpen := heap()
+	for _, c := range cs {
+		go c.Write(make([]byte, 1<<20)) // blocks once the window is used up
+	}
+	// Poll until the heap stops growing: every writer is stalled.
+	last, stable := heap(), 0
+	for deadline := time.Now().Add(10 * time.Second); stable < 5 && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+		h := heap()
+		if d := h - last; d < 64<<10 && d > -(64<<10) {
+			stable++
+		} else {
+			stable = 0
+		}
+		last = h
+	}
+	// The writers' own 1 MiB buffers are counted too.
+	grown := last - afterOpen - streams*(1<<20)
+	limit := int64(streams*InitialWindow + budget + streams*8<<10)
+	t.Logf("%d streams: open +%d KiB, filled +%d KiB (limit %d KiB)", streams, (afterOpen-before)>>10, grown>>10, limit>>10)
+	if grown > limit {
+		t.Fatalf("a tunnel whose app does not read grew by %d KiB, more than %d KiB", grown>>10, limit>>10)
+	}
+	for _, c := range cs {
+		c.Close()
 	}
 }
