@@ -57,19 +57,6 @@ func (l *lineLimiter) allow(key string) (bool, int64) {
 	return true, n
 }
 
-// take forgets key and returns the lines suppressed for it since the
-// last one written.
-func (l *lineLimiter) take(key string) int64 {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	b := l.m[key]
-	delete(l.m, key)
-	if b == nil {
-		return 0
-	}
-	return b.suppressed
-}
-
 // takePrefix forgets every key starting with prefix (one tunnel's) and
 // returns the lines suppressed for them.
 func (l *lineLimiter) takePrefix(prefix string) int64 {

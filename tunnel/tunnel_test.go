@@ -197,8 +197,6 @@ func TestTunnelDeath(t *testing.T) {
 	}
 }
 
-var errTimeout = errors.New("timeout")
-
 func TestWrongServiceRefused(t *testing.T) {
 	s := newEchoServer(t)
 	p := &Pool{}
