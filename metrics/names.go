@@ -106,6 +106,8 @@ var promDescs = map[string]promDesc{
 	"inbound.app_dial_failed":    {"inbound_app_dial_failed_total", kindCounter, 1, "Authorized inbound connections whose application could not be dialed, by reason."},
 	"inbound.tunnel_refused":     {"inbound_tunnel_refused_total", kindCounter, 1, "Inbound tunnels and tunnel streams refused, by reason."},
 	"inbound.conns_refused":      {"inbound_conns_refused_total", kindCounter, 1, "Inbound connections and tunnel streams closed at once by a limit, by reason."},
+	"log.suppressed":             {"log_suppressed_total", kindCounter, 1, "Log and access-log lines about refusals not written because one tunnel or source produced too many, by reason."},
+	"upstream.tunnel_violation":  {"upstream_tunnel_violation_total", kindCounter, 1, "Client tunnels closed because the server broke the tunnel protocol, by reason."},
 	"inbound.conn_duration":      {"inbound_conn_duration_seconds", kindSummary, 1e-3, "Duration of proxied inbound connections in seconds."},
 	"upstream.dial_failed":       {"upstream_dial_failed_total", kindCounter, 1, "Upstream connections for which no endpoint could be dialed."},
 	"upstream.dial_retries":      {"upstream_dial_retries_total", kindCounter, 1, "Upstream dial attempts beyond the first of a connection."},
