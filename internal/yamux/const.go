@@ -183,8 +183,8 @@ const (
 	initialStreamWindow = 256 * 1024
 	// minStreamWindow is the smallest InitialStreamWindowSize allowed.
 	minStreamWindow = 16 * 1024
-	maxStreamWindow     = 16 * 1024 * 1024
-	goAwayWaitTime      = 100 * time.Millisecond
+	maxStreamWindow = 16 * 1024 * 1024
+	goAwayWaitTime  = 100 * time.Millisecond
 )
 
 const (
