@@ -27,6 +27,7 @@ import (
 	"github.com/straitproxy/strait/metrics"
 	"github.com/straitproxy/strait/proxy"
 	"github.com/straitproxy/strait/tlsutil"
+	"github.com/straitproxy/strait/tunnel"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -342,9 +343,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 	// Deferred early, so it runs after the proxy's shutdown: the push
 	// sinks send what they hold and their goroutines are joined.
 	defer m.Close()
+	w := parts{agent: agent, log: log, curves: curves}
+	if o.tunnels == "on" {
+		w.tunnels = &tunnel.Pool{}
+	}
 	p := proxy.New(proxy.Options{
-		KTLS: o.ktls, CurvePreferences: curves, Client: client, AgentConfig: agent.Config, Logger: log,
-		HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace, Tunnels: o.tunnels == "on",
+		Parts: w.build, Tunnels: w.tunnels, KTLS: o.ktls, Logger: log,
+		HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace,
 		Metrics: m, Telemetry: o.telemetry(), AccessLog: accessMode, AccessLogger: access,
 		MaxInboundConnections: o.maxInbound, MaxHandshakes: o.maxHandshakes,
 	})
