@@ -351,6 +351,7 @@ type fakeProxy struct{ rd proxy.Readiness }
 
 func (f *fakeProxy) Readiness() proxy.Readiness         { return f.rd }
 func (f *fakeProxy) Listeners() []proxy.ListenerStats   { return nil }
+func (f *fakeProxy) Tunnels() proxy.TunnelStats         { return proxy.TunnelStats{} }
 func (f *fakeProxy) Certs() (proxy.CertInfo, bool)      { return proxy.CertInfo{}, false }
 func (f *fakeProxy) Upstreams() []proxy.UpstreamStatus  { return nil }
 func (f *fakeProxy) Intentions() (authz.Snapshot, bool) { return authz.Snapshot{}, false }
