@@ -23,6 +23,16 @@ type parts struct {
 	tunnels *tunnel.Pool // nil with -tunnels=off
 }
 
+// newParts returns the wiring of the proxy's parts; with tunnels, one
+// tunnel pool (package defaults) for every upstream.
+func newParts(agent *config.Agent, log hclog.Logger, curves []tls.CurveID, tunnels bool) parts {
+	w := parts{agent: agent, log: log, curves: curves}
+	if tunnels {
+		w.tunnels = &tunnel.Pool{}
+	}
+	return w
+}
+
 // build is proxy.Options.Parts: the certificate source, the authorizer and
 // the upstream factory for the service of the first Config, which in agent
 // mode comes from the registration.
