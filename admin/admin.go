@@ -30,10 +30,11 @@ import (
 const DefaultAddr = "127.0.0.1:19100"
 
 // Proxy is what the admin endpoints read from the running proxy
-// (implemented by *proxy.Proxy).
+// (implemented by *proxy.Proxy), one method per view.
 type Proxy interface {
 	Readiness() proxy.Readiness
 	Listeners() []proxy.ListenerStats
+	Tunnels() proxy.TunnelStats
 	Certs() (proxy.CertInfo, bool)
 	Upstreams() []proxy.UpstreamStatus
 	Intentions() (authz.Snapshot, bool)
@@ -179,7 +180,7 @@ type Stats struct {
 	RxBytes           int64 `json:"rx_bytes"`
 	TxBytes           int64 `json:"tx_bytes"`
 	// Tunnels counts strait-mux/2 tunnels and their streams.
-	Tunnels *proxy.TunnelStats `json:"tunnels,omitempty"`
+	Tunnels proxy.TunnelStats `json:"tunnels"`
 }
 
 // Rlimit is RLIMIT_NOFILE.
@@ -200,10 +201,7 @@ func (h *handlers) stats(w http.ResponseWriter, r *http.Request) {
 		HeapBytes:     ms.HeapAlloc,
 		SysBytes:      ms.Sys,
 		Listeners:     h.opts.Proxy.Listeners(),
-	}
-	if tp, ok := h.opts.Proxy.(interface{ Tunnels() proxy.TunnelStats }); ok {
-		ts := tp.Tunnels()
-		s.Tunnels = &ts
+		Tunnels:       h.opts.Proxy.Tunnels(),
 	}
 	for _, l := range s.Listeners {
 		s.ActiveConnections += l.Active

@@ -21,6 +21,9 @@ import (
 	"github.com/straitproxy/strait/internal/testutil"
 	"github.com/straitproxy/strait/metrics"
 	"github.com/straitproxy/strait/proxy"
+	"github.com/straitproxy/strait/tlsutil"
+	"github.com/straitproxy/strait/tunnel"
+	"github.com/straitproxy/strait/upstream"
 )
 
 type env struct {
@@ -54,8 +57,9 @@ func startWith(t *testing.T, settings Settings, opt func(*proxy.Options)) *env {
 		Public:    &config.Public{BindAddress: "127.0.0.1", LocalServiceAddress: echoApp(t)},
 		Upstreams: []config.Upstream{{DestinationName: "web", LocalBindSocketPath: e.sock}},
 	}
-	o := proxy.Options{Client: e.agent.Client(), AgentConfig: e.agent.Config(), Metrics: e.m, DrainTimeout: time.Second}
+	o := proxy.Options{Metrics: e.m, DrainTimeout: time.Second}
 	opt(&o)
+	o.Parts = parts(e.agent, o.Tunnels)
 	e.p = proxy.New(o)
 	var err error
 	e.srv, err = Listen("127.0.0.1:0", Options{Proxy: e.p, Metrics: e.m, Settings: settings, Pprof: true})
@@ -72,6 +76,19 @@ func startWith(t *testing.T, settings Settings, opt func(*proxy.Options)) *env {
 		<-e.done
 	})
 	return e
+}
+
+// parts is cmd/strait's wiring of the proxy's parts against the fake
+// agent a; pool, when set, is the proxy's Options.Tunnels.
+func parts(a *testagent.Agent, pool *tunnel.Pool) func(*config.Config) proxy.Parts {
+	return func(c *config.Config) proxy.Parts {
+		src := tlsutil.NewSource(a.Client(), c.Service, tlsutil.SourceOptions{Tunnels: pool != nil})
+		az := authz.New(a.Client(), authz.Options{Target: c.Service, AgentConfig: a.Config()})
+		return proxy.Parts{Source: src, Authorizer: az, Upstream: func(u config.Upstream, d *net.Dialer) (*upstream.Upstream, error) {
+			return upstream.New(u, upstream.Options{Client: a.Client(), TLS: src, NetDialer: d, Tunnels: pool,
+				LocalDatacenter: src.Bundle().Identity.Datacenter})
+		}}
+	}
 }
 
 func (e *env) stop() {
@@ -334,6 +351,7 @@ type fakeProxy struct{ rd proxy.Readiness }
 
 func (f *fakeProxy) Readiness() proxy.Readiness         { return f.rd }
 func (f *fakeProxy) Listeners() []proxy.ListenerStats   { return nil }
+func (f *fakeProxy) Tunnels() proxy.TunnelStats         { return proxy.TunnelStats{} }
 func (f *fakeProxy) Certs() (proxy.CertInfo, bool)      { return proxy.CertInfo{}, false }
 func (f *fakeProxy) Upstreams() []proxy.UpstreamStatus  { return nil }
 func (f *fakeProxy) Intentions() (authz.Snapshot, bool) { return authz.Snapshot{}, false }

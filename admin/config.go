@@ -9,6 +9,7 @@ import (
 
 	"github.com/straitproxy/strait/config"
 	"github.com/straitproxy/strait/metrics"
+	"github.com/straitproxy/strait/proxy"
 )
 
 // Redacted replaces secrets in admin output.
@@ -95,15 +96,11 @@ type publicView struct {
 }
 
 type upstreamView struct {
-	DestinationType      string `json:"destination_type"`
-	DestinationName      string `json:"destination_name"`
-	DestinationNamespace string `json:"destination_namespace,omitempty"`
-	DestinationPartition string `json:"destination_partition,omitempty"`
-	Datacenter           string `json:"datacenter,omitempty"`
-	Listen               string `json:"listen"`
-	Network              string `json:"network"`
-	SocketMode           string `json:"local_bind_socket_mode,omitempty"`
-	ConnectTimeout       string `json:"connect_timeout"`
+	proxy.UpstreamDestination
+	Listen         string `json:"listen"`
+	Network        string `json:"network"`
+	SocketMode     string `json:"local_bind_socket_mode,omitempty"`
+	ConnectTimeout string `json:"connect_timeout"`
 }
 
 type configDoc struct {
@@ -151,9 +148,7 @@ func configView(s Settings, c *config.Config, tel metrics.Telemetry) configDoc {
 	}
 	for _, u := range c.Upstreams {
 		uv := upstreamView{
-			DestinationType: u.Type(), DestinationName: u.DestinationName,
-			DestinationNamespace: u.DestinationNamespace, DestinationPartition: u.DestinationPartition,
-			Datacenter: u.Datacenter, Listen: u.Addr(), Network: u.Network(),
+			UpstreamDestination: proxy.DestinationOf(u), Listen: u.Addr(), Network: u.Network(),
 			ConnectTimeout: u.ConnectTimeoutOrDefault().String(),
 		}
 		if u.LocalBindSocketMode != 0 {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/straitproxy/strait/proxy"
+	"github.com/straitproxy/strait/tunnel"
 )
 
 // TestMetricsAtZeroWhenReady: once /ready says 200, and before the first
@@ -18,7 +19,7 @@ import (
 // start, at zero; and the exposition passes promtool.
 func TestMetricsAtZeroWhenReady(t *testing.T) {
 	t.Parallel()
-	e := startWith(t, Settings{}, func(o *proxy.Options) { o.Tunnels = true })
+	e := startWith(t, Settings{}, func(o *proxy.Options) { o.Tunnels = &tunnel.Pool{} })
 	e.deliver()
 	e.waitReady(t)
 	code, body := get(t, e.base+"/metrics")

@@ -8,4 +8,8 @@
 // let live connections finish within a grace period and close the rest.
 // Configuration changes are applied as a diff: only listeners whose
 // configuration changed are touched.
+//
+// The proxy does not build its collaborators: the certificate source, the
+// authorizer, the upstreams and the tunnel pool come from Options (Parts,
+// Tunnels), which cmd/strait fills from its flags.
 package proxy

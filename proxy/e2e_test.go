@@ -17,10 +17,14 @@ import (
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/straitproxy/strait/authz"
 	"github.com/straitproxy/strait/config"
 	"github.com/straitproxy/strait/internal/testagent"
 	"github.com/straitproxy/strait/internal/testutil"
 	"github.com/straitproxy/strait/metrics"
+	"github.com/straitproxy/strait/tlsutil"
+	"github.com/straitproxy/strait/tunnel"
+	"github.com/straitproxy/strait/upstream"
 )
 
 // lines collects JSON log lines as they are written.
@@ -132,13 +136,14 @@ func startHarness(t testing.TB, mode AccessLog, pub config.Public, opt ...func(*
 		{DestinationName: "nowhere", LocalBindSocketPath: h.deadSck, ConnectTimeout: time.Second},
 	}}
 	o := Options{
-		Client: h.agent.Client(), AgentConfig: h.agent.Config(), Metrics: h.m, AccessLog: mode,
+		Metrics: h.m, AccessLog: mode,
 		AccessLogger: hclog.New(&hclog.LoggerOptions{Name: "access", JSONFormat: true, Output: h.access}),
 		DrainTimeout: time.Second,
 	}
 	for _, f := range opt {
 		f(&o)
 	}
+	o.Parts = testParts(h.agent, o.Logger, o.Tunnels)
 	h.p = New(o)
 	cfgs := make(chan *config.Config, 1)
 	cfgs <- cfg
@@ -168,6 +173,24 @@ func startHarness(t testing.TB, mode AccessLog, pub config.Public, opt ...func(*
 		return errors.New("upstream web has not seen its endpoint")
 	})
 	return h
+}
+
+// testParts is cmd/strait's wiring of the proxy's parts against the fake
+// agent a: pool, when set, is Options.Tunnels.
+func testParts(a *testagent.Agent, log hclog.Logger, pool *tunnel.Pool) func(*config.Config) Parts {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	return func(c *config.Config) Parts {
+		src := tlsutil.NewSource(a.Client(), c.Service, tlsutil.SourceOptions{
+			Namespace: c.Namespace, Partition: c.Partition, Logger: log.Named("certs"), Tunnels: pool != nil,
+		})
+		az := authz.New(a.Client(), authz.Options{Target: c.Service, Logger: log, AgentConfig: a.Config()})
+		return Parts{Source: src, Authorizer: az, Upstream: func(u config.Upstream, d *net.Dialer) (*upstream.Upstream, error) {
+			return upstream.New(u, upstream.Options{Client: a.Client(), TLS: src, NetDialer: d, Tunnels: pool,
+				LocalDatacenter: src.Bundle().Identity.Datacenter, Logger: log.Named("upstream").With("upstream", u.DestinationName)})
+		}}
+	}
 }
 
 // eventually is testutil.EventuallyNil for proxy/tunnel_test.go, which is

@@ -14,7 +14,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/straitproxy/strait/authz"
@@ -27,14 +26,20 @@ import (
 	"github.com/straitproxy/strait/upstream"
 )
 
-// Options configure a Proxy. Client is required; the rest have useful zero
+// Options configure a Proxy. Parts is required; the rest have useful zero
 // values.
 type Options struct {
-	Client *api.Client
-	// AgentConfig is the config Client was built from; with it, default
-	// authorization lookups are bounded by the handshake's context.
-	AgentConfig *api.Config
-	Logger      hclog.Logger
+	// Parts builds the certificate source, the authorizer and the upstream
+	// factory for the service of the first Config (its name, namespace
+	// and partition) when Run receives it. Required; cmd/strait builds
+	// them from its flags.
+	Parts func(first *config.Config) Parts
+	// Tunnels is the pool of strait-mux/2 tunnels that upstreams share
+	// (give the same pool to the upstream factory); nil means no tunnels.
+	// New sets its OnViolation when unset; Shutdown closes it. Inbound
+	// tunnels are offered by the Source (tlsutil.SourceOptions.Tunnels).
+	Tunnels *tunnel.Pool
+	Logger  hclog.Logger
 	// Metrics receives the built-in proxy's metric names and strait's own
 	// (see package metrics); nil means metrics.Discard().
 	Metrics *metrics.Metrics
@@ -55,9 +60,6 @@ type Options struct {
 	// HalfCloseTimeout is the idle limit of a connection one side of which
 	// has finished; zero means DefaultHalfCloseTimeout.
 	HalfCloseTimeout time.Duration
-	// CurvePreferences for every handshake (tlsutil.KeyExchange); nil
-	// means Go's default, the post-quantum hybrid first.
-	CurvePreferences []tls.CurveID
 	// KTLS is "auto" (probe the kernel's TLS offload at start and report
 	// it) or "off". See internal/ktls and README.md: the hand-off of
 	// established connections to the kernel is not wired yet.
@@ -65,19 +67,17 @@ type Options struct {
 	// DrainTimeout bounds how long a removed or changed listener's live
 	// connections may continue after a reconfiguration; zero means 15s.
 	DrainTimeout time.Duration
-	// Tunnels enables strait-mux/2 tunnels (package tunnel) with strait
-	// peers, on the public listener and for upstreams.
-	Tunnels bool
-	// TunnelMaxStreams limits concurrent streams per tunnel (both sides);
-	// TunnelMaxPerPeer limits client tunnels per endpoint and inbound
-	// tunnels per peer identity. TunnelStreamRate and TunnelStreamBurst
-	// limit how fast a peer may open streams on one inbound tunnel. Zero
-	// means the package tunnel defaults.
+	// TunnelMaxStreams limits concurrent streams per inbound tunnel;
+	// TunnelMaxPerPeer limits inbound tunnels per peer identity.
+	// TunnelStreamRate and TunnelStreamBurst limit how fast a peer may
+	// open streams on one inbound tunnel. Zero means the package tunnel
+	// defaults. The Tunnels pool has its own limits for outbound tunnels.
 	TunnelMaxStreams, TunnelMaxPerPeer int
 	TunnelStreamRate                   float64
 	TunnelStreamBurst                  int
-	// TunnelBudget bounds the receive-window growth of one tunnel's
-	// streams together, in bytes; zero means tunnel.DefaultTunnelBudget.
+	// TunnelBudget bounds the receive-window growth of one inbound
+	// tunnel's streams together, in bytes; zero means
+	// tunnel.DefaultTunnelBudget.
 	TunnelBudget int64
 	// MaxInboundConnections, when positive, overrides the configuration's
 	// Public.MaxInboundConnections (the registration's
@@ -86,6 +86,21 @@ type Options struct {
 	// MaxHandshakes bounds inbound TLS handshakes in progress; zero means
 	// DefaultMaxHandshakes.
 	MaxHandshakes int
+}
+
+// Parts are what a Proxy runs for its service. The proxy starts Source
+// and Authorizer (their Run) when it receives its first Config and stops
+// them at Shutdown.
+type Parts struct {
+	// Source supplies the leaf certificate and roots; required.
+	Source *tlsutil.Source
+	// Authorizer decides inbound connections by intentions; required.
+	Authorizer *authz.Authorizer
+	// Upstream returns the upstream of one configured upstream, dialing
+	// TCP with dialer (the proxy counts dial attempts through it). It is
+	// called once Source is ready; the proxy runs the upstream for as long
+	// as its listener lives. Required.
+	Upstream func(u config.Upstream, dialer *net.Dialer) (*upstream.Upstream, error)
 }
 
 // Proxy runs the public listener and the upstream listeners of one Config
@@ -105,9 +120,10 @@ type Proxy struct {
 	// after applying a configuration.
 	flushMu sync.Mutex
 
-	src     *tlsutil.Source
-	az      *authz.Authorizer
-	service string
+	src         *tlsutil.Source
+	az          *authz.Authorizer
+	newUpstream func(config.Upstream, *net.Dialer) (*upstream.Upstream, error)
+	service     string
 
 	mu        sync.Mutex
 	public    *publicListener
@@ -127,7 +143,7 @@ type Proxy struct {
 	failure atomic.Pointer[string]
 	cfg     atomic.Pointer[config.Config]
 
-	pool      *tunnel.Pool // nil without Tunnels
+	pool      *tunnel.Pool // Options.Tunnels
 	inTunnels atomic.Int64 // inbound tunnels open
 	// inTunnelsByPeer caps inbound tunnels per peer identity.
 	inTunnelsByPeer peerCounts
@@ -157,6 +173,9 @@ type upstreamListener struct {
 
 // New returns a Proxy. Nothing runs until Run.
 func New(opts Options) *Proxy {
+	if opts.Parts == nil {
+		panic("proxy.New: Options.Parts is required")
+	}
 	if opts.Logger == nil {
 		opts.Logger = hclog.NewNullLogger()
 	}
@@ -174,19 +193,15 @@ func New(opts Options) *Proxy {
 	// Every watch run under the proxy's context (certificates, intentions,
 	// upstream endpoints) reports to the tracker.
 	ctx, cancel := context.WithCancel(watch.WithObserver(context.Background(), w))
-	var pool *tunnel.Pool
-	if opts.Tunnels {
-		pool = &tunnel.Pool{MaxStreams: opts.TunnelMaxStreams, MaxTunnels: opts.TunnelMaxPerPeer, Budget: opts.TunnelBudget}
-	}
 	p := &Proxy{
-		pool: pool, lines: newLineLimiter(), admit: newAdmission(opts.MaxHandshakes),
+		pool: opts.Tunnels, lines: newLineLimiter(), admit: newAdmission(opts.MaxHandshakes),
 		opts: opts, log: opts.Logger, access: opts.AccessLogger, metrics: m, watches: w, ctx: ctx, cancel: cancel,
 		upstreams: make(map[string]*upstreamListener),
 		listeners: make(map[*lstats]struct{}),
 		gauges:    make(map[string]*connGauge),
 	}
-	if pool != nil {
-		pool.OnViolation = p.tunnelViolation
+	if p.pool != nil && p.pool.OnViolation == nil {
+		p.pool.OnViolation = p.tunnelViolation
 	}
 	return p
 }
@@ -307,29 +322,15 @@ func (p *Proxy) start(c *config.Config) {
 			p.log.Info("kernel TLS offload available; connections still use crypto/tls in this release")
 		}
 	}
-	src := tlsutil.NewSource(p.opts.Client, c.Service, tlsutil.SourceOptions{
-		Namespace: c.Namespace, Partition: c.Partition, Logger: p.log.Named("certs"),
-		CurvePreferences: p.opts.CurvePreferences, Tunnels: p.opts.Tunnels,
-	})
-	az := authz.New(p.opts.Client, authz.Options{
-		Target: c.Service, Namespace: c.Namespace, Partition: c.Partition, Logger: p.log,
-		AgentConfig: p.opts.AgentConfig,
-	})
+	parts := p.opts.Parts(c)
+	src, az := parts.Source, parts.Authorizer
 	p.mu.Lock()
-	p.src, p.az = src, az
+	p.src, p.az, p.newUpstream = src, az, parts.Upstream
 	p.mu.Unlock()
 	p.setPhase(phaseWaitingCerts)
 	p.bg.Go(func() { src.Run(p.ctx) })
 	p.bg.Go(func() { az.Run(p.ctx) })
 	p.bg.Go(p.flushLoop)
-}
-
-// localDatacenter is the agent's datacenter, read from our own leaf.
-func (p *Proxy) localDatacenter() string {
-	if b := p.src.Bundle(); b != nil {
-		return b.Identity.Datacenter
-	}
-	return ""
 }
 
 func (p *Proxy) waitReady(ctx context.Context, c *config.Config) bool {
@@ -514,14 +515,7 @@ func (p *Proxy) listenPublic(c *config.Public) (*publicListener, error) {
 }
 
 func (p *Proxy) listenUpstream(u config.Upstream) (*upstreamListener, error) {
-	up, err := upstream.New(u, upstream.Options{
-		Client:          p.opts.Client,
-		TLS:             p.src,
-		LocalDatacenter: p.localDatacenter(),
-		Logger:          p.log.Named("upstream").With("upstream", u.DestinationName),
-		NetDialer:       newUpstreamDialer(),
-		Tunnels:         p.pool,
-	})
+	up, err := p.newUpstream(u, newUpstreamDialer())
 	if err != nil {
 		return nil, err
 	}

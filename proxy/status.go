@@ -263,19 +263,34 @@ func (p *Proxy) Certs() (CertInfo, bool) {
 	}, true
 }
 
+// UpstreamDestination is where an upstream leads, as the admin
+// listener's /upstreams and /config show it.
+type UpstreamDestination struct {
+	DestinationType      string `json:"destination_type"`
+	DestinationName      string `json:"destination_name"`
+	DestinationNamespace string `json:"destination_namespace,omitempty"`
+	DestinationPartition string `json:"destination_partition,omitempty"`
+	Datacenter           string `json:"datacenter,omitempty"`
+}
+
+// DestinationOf returns u's destination, its type defaulted.
+func DestinationOf(u config.Upstream) UpstreamDestination {
+	return UpstreamDestination{
+		DestinationType: u.Type(), DestinationName: u.DestinationName,
+		DestinationNamespace: u.DestinationNamespace, DestinationPartition: u.DestinationPartition,
+		Datacenter: u.Datacenter,
+	}
+}
+
 // UpstreamStatus is one upstream listener with its endpoints.
 type UpstreamStatus struct {
-	Name                 string         `json:"name"`
-	DestinationType      string         `json:"destination_type"`
-	DestinationName      string         `json:"destination_name"`
-	DestinationNamespace string         `json:"destination_namespace,omitempty"`
-	DestinationPartition string         `json:"destination_partition,omitempty"`
-	Datacenter           string         `json:"datacenter,omitempty"`
-	Listen               string         `json:"listen"`
-	Discovered           bool           `json:"discovered"` // the first answer from Consul arrived
-	Active               int            `json:"active_connections"`
-	HealthyEndpoints     int            `json:"healthy_endpoints"`
-	Endpoints            []EndpointInfo `json:"endpoints"`
+	Name string `json:"name"`
+	UpstreamDestination
+	Listen           string         `json:"listen"`
+	Discovered       bool           `json:"discovered"` // the first answer from Consul arrived
+	Active           int            `json:"active_connections"`
+	HealthyEndpoints int            `json:"healthy_endpoints"`
+	Endpoints        []EndpointInfo `json:"endpoints"`
 }
 
 // EndpointInfo is one endpoint and its balancing state.
@@ -307,9 +322,7 @@ func (p *Proxy) Upstreams() []UpstreamStatus {
 	for _, ul := range uls {
 		u := ul.cfg
 		st := UpstreamStatus{
-			Name: u.String(), DestinationType: u.Type(), DestinationName: u.DestinationName,
-			DestinationNamespace: u.DestinationNamespace, DestinationPartition: u.DestinationPartition,
-			Datacenter: u.Datacenter, Listen: ul.srv.Addr().String(), Active: ul.srv.Active(),
+			Name: u.String(), UpstreamDestination: DestinationOf(u), Listen: ul.srv.Addr().String(), Active: ul.srv.Active(),
 			Endpoints: []EndpointInfo{},
 		}
 		select {

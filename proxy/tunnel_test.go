@@ -25,7 +25,7 @@ import (
 	"github.com/straitproxy/strait/tunnel"
 )
 
-func withTunnels(o *Options) { o.Tunnels = true }
+func withTunnels(o *Options) { o.Tunnels = &tunnel.Pool{} }
 
 // TestTunnelSelfLoop: with tunnels on, connections through the upstream
 // "web" (our own public listener) ride as streams of a tunnel, carry data

@@ -1,0 +1,59 @@
+package main
+
+import (
+	"crypto/tls"
+	"net"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/straitproxy/strait/authz"
+	"github.com/straitproxy/strait/config"
+	"github.com/straitproxy/strait/proxy"
+	"github.com/straitproxy/strait/tlsutil"
+	"github.com/straitproxy/strait/tunnel"
+	"github.com/straitproxy/strait/upstream"
+)
+
+// parts is what the proxy is built from: the agent, the flags' TLS
+// choices and the shared tunnel pool.
+type parts struct {
+	agent   *config.Agent
+	log     hclog.Logger
+	curves  []tls.CurveID
+	tunnels *tunnel.Pool // nil with -tunnels=off
+}
+
+// newParts returns the wiring of the proxy's parts; with tunnels, one
+// tunnel pool (package defaults) for every upstream.
+func newParts(agent *config.Agent, log hclog.Logger, curves []tls.CurveID, tunnels bool) parts {
+	w := parts{agent: agent, log: log, curves: curves}
+	if tunnels {
+		w.tunnels = &tunnel.Pool{}
+	}
+	return w
+}
+
+// build is proxy.Options.Parts: the certificate source, the authorizer and
+// the upstream factory for the service of the first Config, which in agent
+// mode comes from the registration.
+func (w parts) build(c *config.Config) proxy.Parts {
+	src := tlsutil.NewSource(w.agent.Client, c.Service, tlsutil.SourceOptions{
+		Namespace: c.Namespace, Partition: c.Partition, Logger: w.log.Named("certs"),
+		CurvePreferences: w.curves, Tunnels: w.tunnels != nil,
+	})
+	az := authz.New(w.agent.Client, authz.Options{
+		Target: c.Service, Namespace: c.Namespace, Partition: c.Partition, Logger: w.log,
+		AgentConfig: w.agent.Config,
+	})
+	newUpstream := func(u config.Upstream, dialer *net.Dialer) (*upstream.Upstream, error) {
+		var dc string // the agent's datacenter, from our own leaf
+		if b := src.Bundle(); b != nil {
+			dc = b.Identity.Datacenter
+		}
+		return upstream.New(u, upstream.Options{
+			Client: w.agent.Client, TLS: src, LocalDatacenter: dc, NetDialer: dialer, Tunnels: w.tunnels,
+			Logger: w.log.Named("upstream").With("upstream", u.DestinationName),
+		})
+	}
+	return proxy.Parts{Source: src, Authorizer: az, Upstream: newUpstream}
+}
