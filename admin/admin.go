@@ -83,7 +83,7 @@ func Handler(opts Options) http.Handler {
 	mux.HandleFunc("GET /intentions", h.intentions)
 	mux.HandleFunc("GET /config", h.config)
 	if opts.Pprof {
-		MountPprof(mux)
+		mountPprof(mux)
 	}
 	return mux
 }
@@ -251,10 +251,10 @@ func (h *handlers) config(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, configView(h.opts.Settings, h.opts.Proxy.Config(), h.opts.Metrics.Telemetry()))
 }
 
-// MountPprof registers net/http/pprof's handlers under /debug/pprof/ on
+// mountPprof registers net/http/pprof's handlers under /debug/pprof/ on
 // mux. /debug/pprof/cmdline is redacted: strait's command line may carry
 // -token.
-func MountPprof(mux *http.ServeMux) {
+func mountPprof(mux *http.ServeMux) {
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
@@ -265,12 +265,12 @@ func MountPprof(mux *http.ServeMux) {
 func cmdline(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("X-Content-Type-Options", "nosniff")
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	_, _ = w.Write([]byte(strings.Join(RedactArgs(os.Args), "\x00")))
+	_, _ = w.Write([]byte(strings.Join(redactArgs(os.Args), "\x00")))
 }
 
-// RedactArgs replaces the value of -token (in every flag form) with
+// redactArgs replaces the value of -token (in every flag form) with
 // "<redacted>".
-func RedactArgs(args []string) []string {
+func redactArgs(args []string) []string {
 	out := make([]string, len(args))
 	copy(out, args)
 	for i := 0; i < len(out); i++ {
@@ -293,7 +293,7 @@ func RedactArgs(args []string) []string {
 	return out
 }
 
-// ServePprof serves MountPprof's handlers alone on addr (-pprof-addr) until
+// ServePprof serves mountPprof's handlers alone on addr (-pprof-addr) until
 // ctx is done.
 func ServePprof(ctx context.Context, addr string, log hclog.Logger) error {
 	ln, err := net.Listen("tcp", addr)
@@ -301,7 +301,7 @@ func ServePprof(ctx context.Context, addr string, log hclog.Logger) error {
 		return err
 	}
 	mux := http.NewServeMux()
-	MountPprof(mux)
+	mountPprof(mux)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {

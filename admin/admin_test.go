@@ -340,8 +340,8 @@ func TestRedactArgs(t *testing.T) {
 		{"strait -token-file /x -sidecar-for web", "strait -token-file /x -sidecar-for web"},
 		{"strait -service token", "strait -service token"},
 	} {
-		if got := strings.Join(RedactArgs(strings.Fields(tc.in)), " "); got != tc.want {
-			t.Errorf("RedactArgs(%q) = %q, want %q", tc.in, got, tc.want)
+		if got := strings.Join(redactArgs(strings.Fields(tc.in)), " "); got != tc.want {
+			t.Errorf("redactArgs(%q) = %q, want %q", tc.in, got, tc.want)
 		}
 	}
 }

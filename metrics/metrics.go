@@ -55,7 +55,7 @@ func (st *state) close() {
 // New returns a Metrics feeding only its Prometheus sink, with no prefix,
 // until Configure adds the telemetry block's sinks.
 func New(opts Options) *Metrics {
-	m := &Metrics{log: opts.Logger, prom: NewPromSink()}
+	m := &Metrics{log: opts.Logger, prom: newPromSink()}
 	if m.log == nil {
 		m.log = hclog.NewNullLogger()
 	}

@@ -78,8 +78,8 @@ type nameKey struct {
 	key  string // the go-metrics key joined with NUL
 }
 
-// NewPromSink returns an empty sink.
-func NewPromSink() *PromSink { return &PromSink{now: time.Now} }
+// newPromSink returns an empty sink.
+func newPromSink() *PromSink { return &PromSink{now: time.Now} }
 
 // SetPrefix tells the sink the metrics prefix go-metrics puts in front of
 // every key ("" for none), so that it finds strait's names behind it.

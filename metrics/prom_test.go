@@ -19,7 +19,7 @@ func exposition(t *testing.T, p *PromSink) string {
 }
 
 func TestPromSinkExposition(t *testing.T) {
-	p := NewPromSink()
+	p := newPromSink()
 	l := []Label{{Name: "src", Value: "web"}, {Name: "dst_type", Value: "service"}, {Name: "dst", Value: "db"}}
 	p.IncrCounterWithLabels([]string{"upstream", "rx_bytes"}, 1000, l)
 	p.IncrCounterWithLabels([]string{"upstream", "rx_bytes"}, 24, l)

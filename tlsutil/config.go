@@ -222,7 +222,7 @@ func peerIdentity(b *Bundle, leaf *x509.Certificate) (Identity, string, error) {
 	if len(leaf.URIs) == 0 {
 		return Identity{}, "", fmt.Errorf("%w: no URI SAN", ErrNotServiceIdent)
 	}
-	id, err := ParseURI(leaf.URIs[0])
+	id, err := parseURI(leaf.URIs[0])
 	if err != nil {
 		return Identity{}, "", err
 	}

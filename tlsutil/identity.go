@@ -69,8 +69,8 @@ func ParseID(s string) (Identity, error) {
 	return fromSPIFFE(id)
 }
 
-// ParseURI is ParseID for a certificate's URI SAN.
-func ParseURI(u *url.URL) (Identity, error) {
+// parseURI is ParseID for a certificate's URI SAN.
+func parseURI(u *url.URL) (Identity, error) {
 	if u == nil {
 		return Identity{}, fmt.Errorf("%w: no URI", ErrNotSPIFFE)
 	}
@@ -155,9 +155,4 @@ func ServiceSNI(service, namespace, partition, datacenter, trustDomain string) s
 		return service + "." + namespace + "." + datacenter + ".internal." + trustDomain
 	}
 	return service + "." + namespace + "." + strings.ToLower(partition) + "." + datacenter + ".internal-v1." + trustDomain
-}
-
-// QuerySNI is the SNI for a prepared query upstream.
-func QuerySNI(query, datacenter, trustDomain string) string {
-	return query + ".default." + datacenter + ".query." + trustDomain
 }

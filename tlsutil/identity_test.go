@@ -110,14 +110,14 @@ func TestParseIDValid(t *testing.T) {
 			if again != got {
 				t.Fatalf("round trip changed the identity:\n got %+v\nwant %+v", again, got)
 			}
-			// ParseURI must agree with ParseID.
+			// parseURI must agree with ParseID.
 			u, err := url.Parse(tc.in)
 			if err != nil {
 				t.Fatal(err)
 			}
-			viaURI, err := ParseURI(u)
+			viaURI, err := parseURI(u)
 			if err != nil || viaURI != got {
-				t.Fatalf("ParseURI(%q) = %+v, %v; want %+v", tc.in, viaURI, err, got)
+				t.Fatalf("parseURI(%q) = %+v, %v; want %+v", tc.in, viaURI, err, got)
 			}
 		})
 	}
@@ -186,8 +186,8 @@ func TestParseIDRejects(t *testing.T) {
 
 func TestParseURINil(t *testing.T) {
 	t.Parallel()
-	if _, err := ParseURI(nil); !errors.Is(err, ErrNotSPIFFE) {
-		t.Fatalf("ParseURI(nil) error = %v, want ErrNotSPIFFE", err)
+	if _, err := parseURI(nil); !errors.Is(err, ErrNotSPIFFE) {
+		t.Fatalf("parseURI(nil) error = %v, want ErrNotSPIFFE", err)
 	}
 }
 
@@ -259,15 +259,6 @@ func TestServiceSNI(t *testing.T) {
 		if got := ServiceSNI(tc.svc, tc.ns, tc.ap, tc.dc, td); got != tc.want {
 			t.Errorf("ServiceSNI(%q, %q, %q, %q) = %q, want %q", tc.svc, tc.ns, tc.ap, tc.dc, got, tc.want)
 		}
-	}
-}
-
-func TestQuerySNI(t *testing.T) {
-	t.Parallel()
-	got := QuerySNI("geo-db", "dc1", testTD)
-	want := "geo-db.default.dc1.query." + testTD
-	if got != want {
-		t.Fatalf("QuerySNI = %q, want %q", got, want)
 	}
 }
 

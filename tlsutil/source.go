@@ -233,7 +233,7 @@ func NewBundle(leaf *tls.Certificate, roots *api.CARootList) (*Bundle, error) {
 	if len(x.URIs) == 0 {
 		return nil, errors.New("leaf has no URI SAN")
 	}
-	id, err := ParseURI(x.URIs[0])
+	id, err := parseURI(x.URIs[0])
 	if err != nil {
 		return nil, fmt.Errorf("leaf identity: %w", err)
 	}

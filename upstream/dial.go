@@ -160,7 +160,7 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 	}
 	e := ep.Endpoint
 	id := tlsutil.ServiceID(td, e.Partition, e.Namespace, e.Datacenter, e.Service)
-	// Prepared query endpoints get their service's SNI too, not QuerySNI:
+	// Prepared query endpoints get their service's SNI too, not the query SNI (<query>.default.<dc>.query.<td>):
 	// the peer presents a certificate for its service, sidecar public
 	// listeners ignore SNI, and a gateway on the path routes service SNIs,
 	// while a query SNI only means something to an Envoy cluster built for

@@ -23,8 +23,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 )
 
-// ReadyPoll is how often ReadyWhen evaluates its condition.
-const ReadyPoll = 100 * time.Millisecond
+// readyPoll is how often ReadyWhen evaluates its condition.
+const readyPoll = 100 * time.Millisecond
 
 type state int
 
@@ -113,7 +113,7 @@ func (n *Notifier) ReadyWhen(ctx context.Context, ready func() bool) bool {
 		n.Ready()
 		return true
 	}
-	ticks, stop := n.ticker(ReadyPoll)
+	ticks, stop := n.ticker(readyPoll)
 	defer stop()
 	for {
 		select {

@@ -249,8 +249,8 @@ func TestReadyWhenWaitsForTheCondition(t *testing.T) {
 	}
 	sd.expect("READY", "1")
 	sd.none()
-	if tk.requested() != ReadyPoll {
-		t.Fatalf("polled every %v, want %v", tk.requested(), ReadyPoll)
+	if tk.requested() != readyPoll {
+		t.Fatalf("polled every %v, want %v", tk.requested(), readyPoll)
 	}
 }
 

@@ -50,7 +50,7 @@ func TestLoopReportsToObserver(t *testing.T) {
 			t.Fatalf("observed %q, want %q", r.got, want)
 		}
 	}
-	if ObserverFrom(context.Background()) != nil {
+	if observerFrom(context.Background()) != nil {
 		t.Fatal("observer from a bare context")
 	}
 }

@@ -61,8 +61,8 @@ func WithObserver(ctx context.Context, o Observer) context.Context {
 	return context.WithValue(ctx, observerKey{}, o)
 }
 
-// ObserverFrom returns the Observer ctx carries, or nil.
-func ObserverFrom(ctx context.Context) Observer {
+// observerFrom returns the Observer ctx carries, or nil.
+func observerFrom(ctx context.Context) Observer {
 	o, _ := ctx.Value(observerKey{}).(Observer)
 	return o
 }
@@ -74,7 +74,7 @@ func ObserverFrom(ctx context.Context) Observer {
 func Loop(ctx context.Context, log hclog.Logger, what string, b Backoff, fn Func) {
 	var index uint64
 	failures := 0
-	obs := ObserverFrom(ctx)
+	obs := observerFrom(ctx)
 	if obs != nil {
 		defer obs.WatchResult(what, ErrStopped)
 	}
