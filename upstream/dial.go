@@ -134,14 +134,6 @@ func (u *Upstream) current(ctx context.Context) (*endpointSet, error) {
 	return set, nil
 }
 
-// What a handshake taught us about an endpoint (endpointStats.peer).
-const (
-	peerUnknown int32 = iota
-	peerStrait        // selected tlsutil.ALPNStrait: resumption is safe
-	peerNoALPN        // refused our ALPN offer: dial it without one
-	peerMux           // selected tlsutil.ALPNMux: use tunnels
-)
-
 // errNotMux: a tunnel dial to a peer that selected ALPNMux before did not
 // get it this time.
 var errNotMux = errors.New("peer no longer selects " + tlsutil.ALPNMux)
@@ -177,7 +169,7 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 		}
 	}
 	key := e.Addr + "|" + id.String()
-	switch ep.st.peer.Load() {
+	switch ep.st.peer.kind() {
 	case peerStrait:
 		opts.ResumeKey = e.Addr
 	case peerNoALPN:
@@ -194,7 +186,7 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 			}
 			if tc.ConnectionState().NegotiatedProtocol != tlsutil.ALPNMux {
 				tc.Close()
-				ep.st.peer.Store(peerUnknown)
+				ep.st.peer.lostMux()
 				return nil, errNotMux
 			}
 			return tc, nil
@@ -215,7 +207,7 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 	if err != nil && !opts.NoALPN && isALPNRefused(err) {
 		// A Go server advertising only h2 (Connect-native services by
 		// default) refuses a client that offers only our protocol id.
-		ep.st.peer.Store(peerNoALPN)
+		ep.st.peer.refusedALPN()
 		opts = tlsutil.ClientOptions{NoALPN: true}
 		c, err = u.handshake(ctx, e.Addr, u.tls.ClientConfig(id, sni, opts))
 	}
@@ -224,26 +216,20 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 	}
 	cs := c.ConnectionState()
 	u.log.Trace("handshake done", "addr", e.Addr, "alpn", cs.NegotiatedProtocol, "resumed", cs.DidResume, "resume_key", opts.ResumeKey != "")
-	if !opts.NoALPN {
-		if cs.NegotiatedProtocol == tlsutil.ALPNMux {
-			if !opts.Mux { // a server must not select what we did not offer
-				c.Close()
-				return nil, errors.New("peer selected " + tlsutil.ALPNMux + " unoffered")
-			}
-			ep.st.peer.Store(peerMux)
-			tc, err := u.pool.Adopt(ctx, key, gen, c, e.Service)
-			if err != nil {
-				return nil, err
-			}
-			return tc, nil
+	if opts.NoALPN {
+		return c, nil
+	}
+	if cs.NegotiatedProtocol == tlsutil.ALPNMux && !opts.Mux { // a server must not select what we did not offer
+		c.Close()
+		return nil, errors.New("peer selected " + tlsutil.ALPNMux + " unoffered")
+	}
+	ep.st.peer.negotiated(cs.NegotiatedProtocol, opts.Mux)
+	if cs.NegotiatedProtocol == tlsutil.ALPNMux {
+		tc, err := u.pool.Adopt(ctx, key, gen, c, e.Service)
+		if err != nil {
+			return nil, err
 		}
-		if cs.NegotiatedProtocol == tlsutil.ALPNStrait {
-			if opts.Mux || ep.st.peer.Load() != peerMux {
-				ep.st.peer.Store(peerStrait)
-			}
-		} else {
-			ep.st.peer.Store(peerUnknown) // not (or no longer) strait: never resume
-		}
+		return tc, nil
 	}
 	return c, nil
 }

@@ -234,10 +234,8 @@ type endpointStats struct {
 	// ejectedUntil is on the Upstream's monotonic clock (see mono); 0 means
 	// not ejected.
 	ejectedUntil atomic.Int64
-	// peer is what the last handshake taught us about the server: a strait
-	// proxy (selected ALPNStrait: sessions may be resumed), a server that
-	// refuses our ALPN offer (dial without it), or unknown.
-	peer atomic.Int32
+	// peer is what handshakes taught us about the server (see peerKind).
+	peer peerState
 
 	mu          sync.Mutex
 	total       uint64
