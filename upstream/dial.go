@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"reflect"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -246,11 +247,24 @@ func (u *Upstream) handshake(ctx context.Context, addr string, cfg *tls.Config) 
 	return c.(*tls.Conn), nil
 }
 
-// isALPNRefused recognises the no_application_protocol alert. crypto/tls
-// reports received alerts with an unexported type, so its text is the only
-// handle.
+// alertNoApplicationProtocol is the TLS alert a server sends when it
+// supports none of the protocols offered by ALPN (RFC 7301).
+const alertNoApplicationProtocol = 120
+
+// isALPNRefused recognises the no_application_protocol alert by its code.
+// crypto/tls wraps tls.AlertError only on QUIC connections; over TCP a
+// received alert is the Err of a *net.OpError, of crypto/tls's unexported
+// alert type (golang/go#35234), whose kind is its wire form: one byte.
 func isALPNRefused(err error) bool {
-	return strings.Contains(err.Error(), "no application protocol")
+	if a, ok := errors.AsType[tls.AlertError](err); ok {
+		return a == alertNoApplicationProtocol
+	}
+	oe, ok := errors.AsType[*net.OpError](err)
+	if !ok || oe.Err == nil {
+		return false
+	}
+	v := reflect.ValueOf(oe.Err)
+	return v.Type().PkgPath() == "crypto/tls" && v.Kind() == reflect.Uint8 && v.Uint() == alertNoApplicationProtocol
 }
 
 // pick chooses among the endpoints not tried yet and not ejected, else among
