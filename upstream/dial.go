@@ -8,7 +8,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"reflect"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -139,10 +138,6 @@ func (u *Upstream) current(ctx context.Context) (*endpointSet, error) {
 // get it this time.
 var errNotMux = errors.New("peer no longer selects " + tlsutil.ALPNMux)
 
-// bundler is implemented by *tlsutil.Source: a tunnel remembers the bundle
-// it was dialed with and takes no new streams once it changes.
-type bundler interface{ Bundle() *tlsutil.Bundle }
-
 func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share int, mux bool) (net.Conn, error) {
 	if share > 1 {
 		if dl, ok := ctx.Deadline(); ok {
@@ -160,15 +155,7 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 	// that query.
 	sni := tlsutil.ServiceSNI(e.Service, e.Namespace, e.Partition, e.Datacenter, td)
 	var opts tlsutil.ClientOptions
-	var gen any
-	if bs, ok := u.tls.(bundler); ok {
-		if b := bs.Bundle(); b != nil {
-			// What the tunnel's handshake used: our leaf and the roots
-			// we trusted. A rotation of either drains old tunnels; a
-			// refresh of the same material does not.
-			gen = b.LeafSerial + "|" + strings.Join(b.RootIDs, ",")
-		}
-	}
+	gen := u.tls.Generation() // a rotation drains the tunnels of the old one
 	key := e.Addr + "|" + id.String()
 	switch ep.st.peer.kind() {
 	case peerStrait:

@@ -45,6 +45,8 @@ func newTestTLS(t testing.TB, ca *testutil.CA) *testTLS {
 
 func (c *testTLS) TrustDomain() string { return c.td }
 
+func (c *testTLS) Generation() string { return "1" }
+
 // ClientConfig honours opts as tlsutil does: ALPNStrait offered unless
 // NoALPN, a session cache shared per ResumeKey.
 func (c *testTLS) ClientConfig(expected tlsutil.Identity, sni string, opts tlsutil.ClientOptions) *tls.Config {

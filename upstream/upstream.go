@@ -37,6 +37,12 @@ type TLS interface {
 	// sni. It may be cached and shared, so it is never mutated here.
 	ClientConfig(expected tlsutil.Identity, sni string, opts tlsutil.ClientOptions) *tls.Config
 	TrustDomain() string
+	// Generation names the leaf and roots ClientConfig uses now; it
+	// changes when either rotates. Tunnels are tagged with the generation
+	// they were dialed under and drain when it changes, so that new
+	// connections are not carried by a handshake made with retired
+	// material (see tlsutil.Source.Generation).
+	Generation() string
 }
 
 // Endpoint is one instance of the destination, as discovered in Consul.
