@@ -519,7 +519,6 @@ func (p *Proxy) listenUpstream(u config.Upstream) (*upstreamListener, error) {
 		TLS:             p.src,
 		LocalDatacenter: p.localDatacenter(),
 		Logger:          p.log.Named("upstream").With("upstream", u.DestinationName),
-		NetDialer:       newUpstreamDialer(),
 		Tunnels:         p.pool,
 	})
 	if err != nil {
@@ -778,9 +777,8 @@ func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *upstreamL
 		}
 		t.Stop()
 	}
-	var attempts atomic.Int32
-	tc, ep, releaseEndpoint, err := ul.up.DialConn(context.WithValue(ctx, attemptsKey{}, &attempts))
-	rec.attempts = attempts.Load()
+	tc, ep, releaseEndpoint, err := ul.up.DialConn(ctx)
+	rec.attempts = int32(ep.Attempts)
 	if n := rec.attempts; n > 1 {
 		p.metrics.IncrCounter(metrics.UpstreamDialRetries, float32(n-1), ul.stats.labels)
 	}

@@ -24,6 +24,16 @@ const (
 	ejectMax  = 30 * time.Second
 )
 
+// DialResult is what a Dial reached and what it took.
+type DialResult struct {
+	Endpoint // the endpoint connected to; zero when the Dial failed
+	// Attempts counts the endpoints tried, also when the Dial failed;
+	// those beyond the first are retries. One attempt may make more than
+	// one handshake (a retry without ALPN, a classic connection when an
+	// endpoint's tunnels are full) or none (a stream in a live tunnel).
+	Attempts int
+}
+
 // Dial picks an endpoint, dials it and completes the TLS handshake, verifying
 // that the server is the endpoint's service. Dialing and handshaking all
 // attempts share one deadline: ctx's, capped at the upstream's
@@ -33,12 +43,12 @@ const (
 // The caller must call the returned release func once the proxied connection
 // ends, to decrement the endpoint's active count; calling it again is a no-op.
 // On error the conn and release func are nil.
-func (u *Upstream) Dial(ctx context.Context) (*tls.Conn, Endpoint, func(), error) {
-	c, ep, release, err := u.dial(ctx, false)
+func (u *Upstream) Dial(ctx context.Context) (*tls.Conn, DialResult, func(), error) {
+	c, res, release, err := u.dial(ctx, false)
 	if err != nil {
-		return nil, ep, nil, err
+		return nil, res, nil, err
 	}
-	return c.(*tls.Conn), ep, release, nil
+	return c.(*tls.Conn), res, release, nil
 }
 
 // DialConn is Dial, except that with a tunnel pool (Options.Tunnels) a
@@ -46,22 +56,22 @@ func (u *Upstream) Dial(ctx context.Context) (*tls.Conn, Endpoint, func(), error
 // in a tunnel (a *tunnel.Conn). The first connection to an endpoint is a
 // classic one offering ALPNMux; if the peer selects it, that connection
 // becomes the endpoint's first tunnel.
-func (u *Upstream) DialConn(ctx context.Context) (net.Conn, Endpoint, func(), error) {
+func (u *Upstream) DialConn(ctx context.Context) (net.Conn, DialResult, func(), error) {
 	return u.dial(ctx, u.pool != nil)
 }
 
-func (u *Upstream) dial(ctx context.Context, mux bool) (net.Conn, Endpoint, func(), error) {
+func (u *Upstream) dial(ctx context.Context, mux bool) (net.Conn, DialResult, func(), error) {
 	caller := ctx
 	ctx, cancel := context.WithTimeout(ctx, u.cfg.ConnectTimeoutOrDefault())
 	defer cancel()
 
 	set, err := u.current(ctx)
 	if err != nil {
-		return nil, Endpoint{}, nil, err
+		return nil, DialResult{}, nil, err
 	}
 	td := u.tls.TrustDomain()
 	if td == "" {
-		return nil, Endpoint{}, nil, fmt.Errorf("upstream %s: trust domain not known yet", u.name)
+		return nil, DialResult{}, nil, fmt.Errorf("upstream %s: trust domain not known yet", u.name)
 	}
 
 	tried := make([]bool, len(set.eps))
@@ -88,7 +98,7 @@ func (u *Upstream) dial(ctx context.Context, mux bool) (net.Conn, Endpoint, func
 		if err == nil {
 			u.succeeded(e.st)
 			var once atomic.Bool
-			return c, e.Endpoint, func() {
+			return c, DialResult{e.Endpoint, attempt}, func() {
 				if once.CompareAndSwap(false, true) {
 					e.st.active.Add(-1)
 				}
@@ -104,7 +114,7 @@ func (u *Upstream) dial(ctx context.Context, mux bool) (net.Conn, Endpoint, func
 	if attempt < u.maxAttempts || caller.Err() != nil {
 		errs = append(errs, fmt.Errorf("gave up after %d of %d attempts: %w", attempt, u.maxAttempts, context.Cause(ctx)))
 	}
-	return nil, Endpoint{}, nil, fmt.Errorf("upstream %s: dial failed: %w", u.name, errors.Join(errs...))
+	return nil, DialResult{Attempts: attempt}, nil, fmt.Errorf("upstream %s: dial failed: %w", u.name, errors.Join(errs...))
 }
 
 // current returns the endpoint set for a Dial. Only a prepared query with
