@@ -84,8 +84,8 @@ func parts(a *testagent.Agent, pool *tunnel.Pool) func(*config.Config) proxy.Par
 	return func(c *config.Config) proxy.Parts {
 		src := tlsutil.NewSource(a.Client(), c.Service, tlsutil.SourceOptions{Tunnels: pool != nil})
 		az := authz.New(a.Client(), authz.Options{Target: c.Service, AgentConfig: a.Config()})
-		return proxy.Parts{Source: src, Authorizer: az, Upstream: func(u config.Upstream, d *net.Dialer) (*upstream.Upstream, error) {
-			return upstream.New(u, upstream.Options{Client: a.Client(), TLS: src, NetDialer: d, Tunnels: pool,
+		return proxy.Parts{Source: src, Authorizer: az, Upstream: func(u config.Upstream) (*upstream.Upstream, error) {
+			return upstream.New(u, upstream.Options{Client: a.Client(), TLS: src, Tunnels: pool,
 				LocalDatacenter: src.Bundle().Identity.Datacenter})
 		}}
 	}

@@ -1,11 +1,8 @@
 package proxy
 
 import (
-	"context"
-	"net"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/straitproxy/strait/metrics"
@@ -234,19 +231,3 @@ func (p *Proxy) flush() {
 	}
 	p.metrics.EmitRuntimeStats()
 }
-
-// attemptsKey carries a per-connection dial attempt counter into
-// upstream.Dial's context, where countDial finds it.
-type attemptsKey struct{}
-
-// countDial is the upstream dialer's ControlContext: it runs once per TCP
-// connection attempt, so a connection's attempts (and retries) are counted
-// without package upstream having to report them.
-func countDial(ctx context.Context, _, _ string, _ syscall.RawConn) error {
-	if n, ok := ctx.Value(attemptsKey{}).(*atomic.Int32); ok {
-		n.Add(1)
-	}
-	return nil
-}
-
-func newUpstreamDialer() *net.Dialer { return &net.Dialer{ControlContext: countDial} }

@@ -186,8 +186,8 @@ func testParts(a *testagent.Agent, log hclog.Logger, pool *tunnel.Pool) func(*co
 			Namespace: c.Namespace, Partition: c.Partition, Logger: log.Named("certs"), Tunnels: pool != nil,
 		})
 		az := authz.New(a.Client(), authz.Options{Target: c.Service, Logger: log, AgentConfig: a.Config()})
-		return Parts{Source: src, Authorizer: az, Upstream: func(u config.Upstream, d *net.Dialer) (*upstream.Upstream, error) {
-			return upstream.New(u, upstream.Options{Client: a.Client(), TLS: src, NetDialer: d, Tunnels: pool,
+		return Parts{Source: src, Authorizer: az, Upstream: func(u config.Upstream) (*upstream.Upstream, error) {
+			return upstream.New(u, upstream.Options{Client: a.Client(), TLS: src, Tunnels: pool,
 				LocalDatacenter: src.Bundle().Identity.Datacenter, Logger: log.Named("upstream").With("upstream", u.DestinationName)})
 		}}
 	}

@@ -79,7 +79,8 @@ func (s *server) serve() {
 			}
 		}
 		backoff = 0
-		s.accepted.Add(1)
+		// accepted is counted last, so that a reader who sees it has seen
+		// the connection held or refused.
 		if !s.track(c) {
 			c.Close()
 			return
@@ -87,9 +88,11 @@ func (s *server) serve() {
 		if s.admit != nil && !s.admit() {
 			s.untrack(c)
 			s.refused.Add(1)
+			s.accepted.Add(1)
 			c.Close()
 			continue
 		}
+		s.accepted.Add(1)
 		s.wg.Add(1)
 		var once sync.Once
 		release := func() {

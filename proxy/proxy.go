@@ -96,11 +96,10 @@ type Parts struct {
 	Source *tlsutil.Source
 	// Authorizer decides inbound connections by intentions; required.
 	Authorizer *authz.Authorizer
-	// Upstream returns the upstream of one configured upstream, dialing
-	// TCP with dialer (the proxy counts dial attempts through it). It is
+	// Upstream returns the upstream of one configured upstream. It is
 	// called once Source is ready; the proxy runs the upstream for as long
 	// as its listener lives. Required.
-	Upstream func(u config.Upstream, dialer *net.Dialer) (*upstream.Upstream, error)
+	Upstream func(u config.Upstream) (*upstream.Upstream, error)
 }
 
 // Proxy runs the public listener and the upstream listeners of one Config
@@ -122,7 +121,7 @@ type Proxy struct {
 
 	src         *tlsutil.Source
 	az          *authz.Authorizer
-	newUpstream func(config.Upstream, *net.Dialer) (*upstream.Upstream, error)
+	newUpstream func(config.Upstream) (*upstream.Upstream, error)
 	service     string
 
 	mu        sync.Mutex
@@ -515,7 +514,7 @@ func (p *Proxy) listenPublic(c *config.Public) (*publicListener, error) {
 }
 
 func (p *Proxy) listenUpstream(u config.Upstream) (*upstreamListener, error) {
-	up, err := p.newUpstream(u, newUpstreamDialer())
+	up, err := p.newUpstream(u)
 	if err != nil {
 		return nil, err
 	}
@@ -772,9 +771,8 @@ func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *upstreamL
 		}
 		t.Stop()
 	}
-	var attempts atomic.Int32
-	tc, ep, releaseEndpoint, err := ul.up.DialConn(context.WithValue(ctx, attemptsKey{}, &attempts))
-	rec.attempts = attempts.Load()
+	tc, ep, releaseEndpoint, err := ul.up.DialConn(ctx)
+	rec.attempts = int32(ep.Attempts)
 	if n := rec.attempts; n > 1 {
 		p.metrics.IncrCounter(metrics.UpstreamDialRetries, float32(n-1), ul.stats.labels)
 	}

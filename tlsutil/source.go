@@ -112,6 +112,27 @@ func (s *Source) Ready() <-chan struct{} { return s.ready }
 // Bundle returns the current material, or nil before Ready.
 func (s *Source) Bundle() *Bundle { return s.cur.Load() }
 
+// Generation names the identity material handshakes use now: our leaf
+// (its serial) and the CA roots we trust (their IDs); "" before Ready. It
+// changes when the leaf is renewed or the roots change, not when the agent
+// hands out the same material again.
+//
+// A classic connection handshakes with the current material by itself; a
+// tunnel authenticated its peer once, with the material of its day. So the
+// upstream dialer tags tunnels with the Generation they were dialed under,
+// and a tunnel of an older one drains: it takes no new streams and closes
+// once its streams end, so that new connections are never carried by a
+// handshake made with a retired leaf or a peer verified against a root
+// that is no longer trusted.
+func (s *Source) Generation() string {
+	if b := s.cur.Load(); b != nil {
+		return b.generation()
+	}
+	return ""
+}
+
+func (b *Bundle) generation() string { return b.LeafSerial + "|" + strings.Join(b.RootIDs, ",") }
+
 // TrustDomain returns the mesh trust domain, or "" before Ready.
 func (s *Source) TrustDomain() string {
 	if b := s.cur.Load(); b != nil {

@@ -306,3 +306,34 @@ func TestSourceReadyAndServes(t *testing.T) {
 		t.Fatalf("served serial %s, want %s", got, dbLeaf.Serial)
 	}
 }
+
+// TestSourceGeneration: the generation changes with the leaf and with the
+// roots, not when the same material is published again.
+func TestSourceGeneration(t *testing.T) {
+	t.Parallel()
+	ca := testutil.NewCA(t, testTD)
+	if g := NewSource(nil, "web", SourceOptions{}).Generation(); g != "" {
+		t.Fatalf("generation before Ready = %q, want empty", g)
+	}
+	roots := testutil.RootList(testTD, ca)
+	s := newTestSource(t, "web", ca.Leaf(t, "web", testutil.LeafOptions{}), roots)
+	g1 := s.Generation()
+	if g1 == "" {
+		t.Fatal("no generation once ready")
+	}
+	setMaterial(s, nil, testutil.RootList(testTD, ca)) // the same roots, fetched again
+	if g := s.Generation(); g != g1 {
+		t.Errorf("generation changed from %q to %q on a refresh of the same material", g1, g)
+	}
+	renewed := ca.Leaf(t, "web", testutil.LeafOptions{})
+	setMaterial(s, &renewed.Cert, nil)
+	g2 := s.Generation()
+	if g2 == g1 {
+		t.Errorf("generation %q unchanged by a renewed leaf", g2)
+	}
+	other := testutil.NewCA(t, testTD)
+	setMaterial(s, nil, testutil.RootList(testTD, ca, other))
+	if g := s.Generation(); g == g2 || g == g1 {
+		t.Errorf("generation %q unchanged by a new root", g)
+	}
+}

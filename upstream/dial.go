@@ -7,7 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
-	"strings"
+	"reflect"
 	"sync/atomic"
 	"time"
 
@@ -24,6 +24,16 @@ const (
 	ejectMax  = 30 * time.Second
 )
 
+// DialResult is what a Dial reached and what it took.
+type DialResult struct {
+	Endpoint // the endpoint connected to; zero when the Dial failed
+	// Attempts counts the endpoints tried, also when the Dial failed;
+	// those beyond the first are retries. One attempt may make more than
+	// one handshake (a retry without ALPN, a classic connection when an
+	// endpoint's tunnels are full) or none (a stream in a live tunnel).
+	Attempts int
+}
+
 // Dial picks an endpoint, dials it and completes the TLS handshake, verifying
 // that the server is the endpoint's service. Dialing and handshaking all
 // attempts share one deadline: ctx's, capped at the upstream's
@@ -33,12 +43,12 @@ const (
 // The caller must call the returned release func once the proxied connection
 // ends, to decrement the endpoint's active count; calling it again is a no-op.
 // On error the conn and release func are nil.
-func (u *Upstream) Dial(ctx context.Context) (*tls.Conn, Endpoint, func(), error) {
-	c, ep, release, err := u.dial(ctx, false)
+func (u *Upstream) Dial(ctx context.Context) (*tls.Conn, DialResult, func(), error) {
+	c, res, release, err := u.dial(ctx, false)
 	if err != nil {
-		return nil, ep, nil, err
+		return nil, res, nil, err
 	}
-	return c.(*tls.Conn), ep, release, nil
+	return c.(*tls.Conn), res, release, nil
 }
 
 // DialConn is Dial, except that with a tunnel pool (Options.Tunnels) a
@@ -46,22 +56,22 @@ func (u *Upstream) Dial(ctx context.Context) (*tls.Conn, Endpoint, func(), error
 // in a tunnel (a *tunnel.Conn). The first connection to an endpoint is a
 // classic one offering ALPNMux; if the peer selects it, that connection
 // becomes the endpoint's first tunnel.
-func (u *Upstream) DialConn(ctx context.Context) (net.Conn, Endpoint, func(), error) {
+func (u *Upstream) DialConn(ctx context.Context) (net.Conn, DialResult, func(), error) {
 	return u.dial(ctx, u.pool != nil)
 }
 
-func (u *Upstream) dial(ctx context.Context, mux bool) (net.Conn, Endpoint, func(), error) {
+func (u *Upstream) dial(ctx context.Context, mux bool) (net.Conn, DialResult, func(), error) {
 	caller := ctx
 	ctx, cancel := context.WithTimeout(ctx, u.cfg.ConnectTimeoutOrDefault())
 	defer cancel()
 
 	set, err := u.current(ctx)
 	if err != nil {
-		return nil, Endpoint{}, nil, err
+		return nil, DialResult{}, nil, err
 	}
 	td := u.tls.TrustDomain()
 	if td == "" {
-		return nil, Endpoint{}, nil, fmt.Errorf("upstream %s: trust domain not known yet", u.name)
+		return nil, DialResult{}, nil, fmt.Errorf("upstream %s: trust domain not known yet", u.name)
 	}
 
 	tried := make([]bool, len(set.eps))
@@ -88,7 +98,7 @@ func (u *Upstream) dial(ctx context.Context, mux bool) (net.Conn, Endpoint, func
 		if err == nil {
 			u.succeeded(e.st)
 			var once atomic.Bool
-			return c, e.Endpoint, func() {
+			return c, DialResult{e.Endpoint, attempt}, func() {
 				if once.CompareAndSwap(false, true) {
 					e.st.active.Add(-1)
 				}
@@ -104,7 +114,7 @@ func (u *Upstream) dial(ctx context.Context, mux bool) (net.Conn, Endpoint, func
 	if attempt < u.maxAttempts || caller.Err() != nil {
 		errs = append(errs, fmt.Errorf("gave up after %d of %d attempts: %w", attempt, u.maxAttempts, context.Cause(ctx)))
 	}
-	return nil, Endpoint{}, nil, fmt.Errorf("upstream %s: dial failed: %w", u.name, errors.Join(errs...))
+	return nil, DialResult{Attempts: attempt}, nil, fmt.Errorf("upstream %s: dial failed: %w", u.name, errors.Join(errs...))
 }
 
 // current returns the endpoint set for a Dial. Only a prepared query with
@@ -134,21 +144,9 @@ func (u *Upstream) current(ctx context.Context) (*endpointSet, error) {
 	return set, nil
 }
 
-// What a handshake taught us about an endpoint (endpointStats.peer).
-const (
-	peerUnknown int32 = iota
-	peerStrait        // selected tlsutil.ALPNStrait: resumption is safe
-	peerNoALPN        // refused our ALPN offer: dial it without one
-	peerMux           // selected tlsutil.ALPNMux: use tunnels
-)
-
 // errNotMux: a tunnel dial to a peer that selected ALPNMux before did not
 // get it this time.
 var errNotMux = errors.New("peer no longer selects " + tlsutil.ALPNMux)
-
-// bundler is implemented by *tlsutil.Source: a tunnel remembers the bundle
-// it was dialed with and takes no new streams once it changes.
-type bundler interface{ Bundle() *tlsutil.Bundle }
 
 func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share int, mux bool) (net.Conn, error) {
 	if share > 1 {
@@ -167,17 +165,9 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 	// that query.
 	sni := tlsutil.ServiceSNI(e.Service, e.Namespace, e.Partition, e.Datacenter, td)
 	var opts tlsutil.ClientOptions
-	var gen any
-	if bs, ok := u.tls.(bundler); ok {
-		if b := bs.Bundle(); b != nil {
-			// What the tunnel's handshake used: our leaf and the roots
-			// we trusted. A rotation of either drains old tunnels; a
-			// refresh of the same material does not.
-			gen = b.LeafSerial + "|" + strings.Join(b.RootIDs, ",")
-		}
-	}
+	gen := u.tls.Generation() // a rotation drains the tunnels of the old one
 	key := e.Addr + "|" + id.String()
-	switch ep.st.peer.Load() {
+	switch ep.st.peer.kind() {
 	case peerStrait:
 		opts.ResumeKey = e.Addr
 	case peerNoALPN:
@@ -194,7 +184,7 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 			}
 			if tc.ConnectionState().NegotiatedProtocol != tlsutil.ALPNMux {
 				tc.Close()
-				ep.st.peer.Store(peerUnknown)
+				ep.st.peer.lostMux()
 				return nil, errNotMux
 			}
 			return tc, nil
@@ -215,7 +205,7 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 	if err != nil && !opts.NoALPN && isALPNRefused(err) {
 		// A Go server advertising only h2 (Connect-native services by
 		// default) refuses a client that offers only our protocol id.
-		ep.st.peer.Store(peerNoALPN)
+		ep.st.peer.refusedALPN()
 		opts = tlsutil.ClientOptions{NoALPN: true}
 		c, err = u.handshake(ctx, e.Addr, u.tls.ClientConfig(id, sni, opts))
 	}
@@ -224,26 +214,20 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 	}
 	cs := c.ConnectionState()
 	u.log.Trace("handshake done", "addr", e.Addr, "alpn", cs.NegotiatedProtocol, "resumed", cs.DidResume, "resume_key", opts.ResumeKey != "")
-	if !opts.NoALPN {
-		if cs.NegotiatedProtocol == tlsutil.ALPNMux {
-			if !opts.Mux { // a server must not select what we did not offer
-				c.Close()
-				return nil, errors.New("peer selected " + tlsutil.ALPNMux + " unoffered")
-			}
-			ep.st.peer.Store(peerMux)
-			tc, err := u.pool.Adopt(ctx, key, gen, c, e.Service)
-			if err != nil {
-				return nil, err
-			}
-			return tc, nil
+	if opts.NoALPN {
+		return c, nil
+	}
+	if cs.NegotiatedProtocol == tlsutil.ALPNMux && !opts.Mux { // a server must not select what we did not offer
+		c.Close()
+		return nil, errors.New("peer selected " + tlsutil.ALPNMux + " unoffered")
+	}
+	ep.st.peer.negotiated(cs.NegotiatedProtocol, opts.Mux)
+	if cs.NegotiatedProtocol == tlsutil.ALPNMux {
+		tc, err := u.pool.Adopt(ctx, key, gen, c, e.Service)
+		if err != nil {
+			return nil, err
 		}
-		if cs.NegotiatedProtocol == tlsutil.ALPNStrait {
-			if opts.Mux || ep.st.peer.Load() != peerMux {
-				ep.st.peer.Store(peerStrait)
-			}
-		} else {
-			ep.st.peer.Store(peerUnknown) // not (or no longer) strait: never resume
-		}
+		return tc, nil
 	}
 	return c, nil
 }
@@ -260,11 +244,24 @@ func (u *Upstream) handshake(ctx context.Context, addr string, cfg *tls.Config) 
 	return c.(*tls.Conn), nil
 }
 
-// isALPNRefused recognises the no_application_protocol alert. crypto/tls
-// reports received alerts with an unexported type, so its text is the only
-// handle.
+// alertNoApplicationProtocol is the TLS alert a server sends when it
+// supports none of the protocols offered by ALPN (RFC 7301).
+const alertNoApplicationProtocol = 120
+
+// isALPNRefused recognises the no_application_protocol alert by its code.
+// crypto/tls wraps tls.AlertError only on QUIC connections; over TCP a
+// received alert is the Err of a *net.OpError, of crypto/tls's unexported
+// alert type (golang/go#35234), whose kind is its wire form: one byte.
 func isALPNRefused(err error) bool {
-	return strings.Contains(err.Error(), "no application protocol")
+	if a, ok := errors.AsType[tls.AlertError](err); ok {
+		return a == alertNoApplicationProtocol
+	}
+	oe, ok := errors.AsType[*net.OpError](err)
+	if !ok || oe.Err == nil {
+		return false
+	}
+	v := reflect.ValueOf(oe.Err)
+	return v.Type().PkgPath() == "crypto/tls" && v.Kind() == reflect.Uint8 && v.Uint() == alertNoApplicationProtocol
 }
 
 // pick chooses among the endpoints not tried yet and not ejected, else among

@@ -8,7 +8,7 @@
 //	if err != nil { ... }
 //	go u.Run(ctx)
 //	<-u.Ready()
-//	conn, ep, release, err := u.Dial(ctx)
+//	conn, res, release, err := u.Dial(ctx) // res: the endpoint and the attempts it took
 //	if err != nil { ... }
 //	defer release()
 //

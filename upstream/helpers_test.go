@@ -45,6 +45,8 @@ func newTestTLS(t testing.TB, ca *testutil.CA) *testTLS {
 
 func (c *testTLS) TrustDomain() string { return c.td }
 
+func (c *testTLS) Generation() string { return "1" }
+
 // ClientConfig honours opts as tlsutil does: ALPNStrait offered unless
 // NoALPN, a session cache shared per ResumeKey.
 func (c *testTLS) ClientConfig(expected tlsutil.Identity, sni string, opts tlsutil.ClientOptions) *tls.Config {
@@ -481,9 +483,9 @@ func load(t testing.TB, u *Upstream, addr string, n int64) {
 }
 
 // dialOK dials and checks the peer is the service named want.
-func dialOK(t testing.TB, u *Upstream, want string) Endpoint {
+func dialOK(t testing.TB, u *Upstream, want string) DialResult {
 	t.Helper()
-	conn, ep, release, err := u.Dial(context.Background())
+	conn, res, release, err := u.Dial(context.Background())
 	if err != nil {
 		t.Fatalf("Dial: %v", err)
 	}
@@ -493,10 +495,10 @@ func dialOK(t testing.TB, u *Upstream, want string) Endpoint {
 	buf := make([]byte, 64)
 	n, err := conn.Read(buf)
 	if err != nil {
-		t.Fatalf("read from %s: %v", ep.Addr, err)
+		t.Fatalf("read from %s: %v", res.Addr, err)
 	}
 	if got := string(buf[:n]); got != want {
 		t.Fatalf("peer said %q, want %q", got, want)
 	}
-	return ep
+	return res
 }

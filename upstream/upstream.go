@@ -37,6 +37,12 @@ type TLS interface {
 	// sni. It may be cached and shared, so it is never mutated here.
 	ClientConfig(expected tlsutil.Identity, sni string, opts tlsutil.ClientOptions) *tls.Config
 	TrustDomain() string
+	// Generation names the leaf and roots ClientConfig uses now; it
+	// changes when either rotates. Tunnels are tagged with the generation
+	// they were dialed under and drain when it changes, so that new
+	// connections are not carried by a handshake made with retired
+	// material (see tlsutil.Source.Generation).
+	Generation() string
 }
 
 // Endpoint is one instance of the destination, as discovered in Consul.
@@ -234,10 +240,8 @@ type endpointStats struct {
 	// ejectedUntil is on the Upstream's monotonic clock (see mono); 0 means
 	// not ejected.
 	ejectedUntil atomic.Int64
-	// peer is what the last handshake taught us about the server: a strait
-	// proxy (selected ALPNStrait: sessions may be resumed), a server that
-	// refuses our ALPN offer (dial without it), or unknown.
-	peer atomic.Int32
+	// peer is what handshakes taught us about the server (see peerKind).
+	peer peerState
 
 	mu          sync.Mutex
 	total       uint64

@@ -203,8 +203,8 @@ func TestFailoverOnRefusedConnection(t *testing.T) {
 	waitReady(t, u)
 	load(t, u, good.addr, 100) // P2C then tries the dead one first
 
-	if ep := dialOK(t, u, "db"); ep.Addr != good.addr {
-		t.Fatalf("dialed %s, want %s", ep.Addr, good.addr)
+	if ep := dialOK(t, u, "db"); ep.Addr != good.addr || ep.Attempts != 2 {
+		t.Fatalf("dialed %s in %d attempts, want %s in 2", ep.Addr, ep.Attempts, good.addr)
 	}
 	st := statusOf(t, u, dead)
 	if st.ConsecutiveFailures != 1 || !strings.Contains(st.LastError, "refused") || st.EjectedUntil.IsZero() {
@@ -215,7 +215,9 @@ func TestFailoverOnRefusedConnection(t *testing.T) {
 	}
 
 	// Ejected: skipped although it is the least loaded.
-	dialOK(t, u, "db")
+	if ep := dialOK(t, u, "db"); ep.Attempts != 1 {
+		t.Errorf("%d attempts past an ejected endpoint, want 1", ep.Attempts)
+	}
 	if st := statusOf(t, u, dead); st.ConsecutiveFailures != 1 {
 		t.Errorf("ejected endpoint was dialed again: %+v", st)
 	}
@@ -261,9 +263,12 @@ func TestDialErrorNamesEveryAttempt(t *testing.T) {
 	run(t, u)
 	waitReady(t, u)
 
-	conn, _, release, err := u.Dial(context.Background())
+	conn, res, release, err := u.Dial(context.Background())
 	if err == nil || conn != nil || release != nil {
 		t.Fatalf("Dial = %v, %v; want an error only", conn, err)
+	}
+	if res.Attempts != 3 || res.Addr != "" {
+		t.Errorf("failed Dial's result %+v, want 3 attempts and no endpoint", res)
 	}
 	msg := err.Error()
 	for _, want := range []string{
@@ -281,9 +286,9 @@ func TestDialErrorNamesEveryAttempt(t *testing.T) {
 	one := newUpstream(t, serviceUpstream("db"), opts)
 	run(t, one)
 	waitReady(t, one)
-	_, _, _, err = one.Dial(context.Background())
-	if err == nil || strings.Contains(err.Error(), "attempt 2") {
-		t.Errorf("MaxAttempts 1: err = %v", err)
+	_, res, _, err = one.Dial(context.Background())
+	if err == nil || strings.Contains(err.Error(), "attempt 2") || res.Attempts != 1 {
+		t.Errorf("MaxAttempts 1: err = %v after %d attempts", err, res.Attempts)
 	}
 }
 
@@ -610,7 +615,10 @@ func TestResumesOnlyWithStraitPeers(t *testing.T) {
 			run(t, u)
 			waitReady(t, u)
 			for range 4 {
-				dialOK(t, u, "db")
+				// A retry without ALPN is part of the same attempt.
+				if r := dialOK(t, u, "db"); r.Attempts != 1 {
+					t.Errorf("%d attempts, want 1", r.Attempts)
+				}
 			}
 			if got := srv.conns.Load(); got != tc.wantConns {
 				t.Errorf("%d handshakes completed, want %d", got, tc.wantConns)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"crypto/tls"
-	"net"
 
 	"github.com/hashicorp/go-hclog"
 
@@ -45,13 +44,13 @@ func (w parts) build(c *config.Config) proxy.Parts {
 		Target: c.Service, Namespace: c.Namespace, Partition: c.Partition, Logger: w.log,
 		AgentConfig: w.agent.Config,
 	})
-	newUpstream := func(u config.Upstream, dialer *net.Dialer) (*upstream.Upstream, error) {
+	newUpstream := func(u config.Upstream) (*upstream.Upstream, error) {
 		var dc string // the agent's datacenter, from our own leaf
 		if b := src.Bundle(); b != nil {
 			dc = b.Identity.Datacenter
 		}
 		return upstream.New(u, upstream.Options{
-			Client: w.agent.Client, TLS: src, LocalDatacenter: dc, NetDialer: dialer, Tunnels: w.tunnels,
+			Client: w.agent.Client, TLS: src, LocalDatacenter: dc, Tunnels: w.tunnels,
 			Logger: w.log.Named("upstream").With("upstream", u.DestinationName),
 		})
 	}
