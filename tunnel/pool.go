@@ -344,18 +344,20 @@ func handshakeStream(ctx context.Context, st *yamux.Stream, hdr []byte) (byte, e
 		st.SetDeadline(dl)
 	}
 	stop := context.AfterFunc(ctx, func() { st.SetDeadline(time.Now()) })
-	defer stop()
-	defer st.SetDeadline(time.Time{})
-	if _, err := st.Write(hdr); err != nil {
-		return 0, err
-	}
 	var b [1]byte
-	if _, err := io.ReadFull(st, b[:]); err != nil {
-		if ctx.Err() != nil {
-			return 0, context.Cause(ctx)
-		}
+	_, err := st.Write(hdr)
+	if err == nil {
+		_, err = io.ReadFull(st, b[:])
+	}
+	if !stop() {
+		// ctx ended: the deadline may be cut at any moment, so the
+		// stream is not handed out even if the answer came in time.
+		return 0, context.Cause(ctx)
+	}
+	if err != nil {
 		return 0, err
 	}
+	st.SetDeadline(time.Time{})
 	return b[0], nil
 }
 
