@@ -302,7 +302,11 @@ func (p *Proxy) start(c *config.Config) {
 	})
 	p.mu.Lock()
 	p.src, p.az = src, az
+	stopped := p.shutdown // Shutdown has begun: start nothing it would not join
 	p.mu.Unlock()
+	if stopped {
+		return
+	}
 	p.setPhase(phaseWaitingCerts)
 	p.bg.Go(func() { src.Run(p.ctx) })
 	p.bg.Go(func() { az.Run(p.ctx) })
