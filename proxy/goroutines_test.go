@@ -64,7 +64,7 @@ func TestShutdownLeavesNoGoroutine(t *testing.T) {
 			DrainTimeout: 5 * time.Second, FlushInterval: 10 * time.Millisecond, Tunnels: tunnels,
 		})
 		r.cfgs <- &config.Config{Service: "web",
-			Public: &config.Public{BindAddress: "127.0.0.1", LocalServiceAddress: appLn.Addr().String()},
+			Public:    &config.Public{BindAddress: "127.0.0.1", LocalServiceAddress: appLn.Addr().String()},
 			Upstreams: []config.Upstream{{DestinationName: "web", LocalBindSocketPath: r.sock, ConnectTimeout: 5 * time.Second}},
 		}
 		go func() { r.done <- r.p.Run(context.Background(), r.cfgs) }()
