@@ -7,7 +7,6 @@
 package admin
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"net"
@@ -16,6 +15,7 @@ import (
 	"os"
 	"runtime"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -56,11 +56,47 @@ type Options struct {
 	Started time.Time
 }
 
-// Server is a bound admin listener.
+// Server is a bound admin (or pprof) listener. Close stops it and waits
+// for its goroutine and the requests in progress.
 type Server struct {
-	opts Options
-	ln   net.Listener
-	srv  *http.Server
+	ln  net.Listener
+	srv *http.Server
+
+	mu     sync.Mutex
+	closed bool
+	wg     sync.WaitGroup // Serve, and every handler running
+}
+
+// serve serves h on ln until Close; what names it in logs.
+func serve(ln net.Listener, h http.Handler, log hclog.Logger, what string) *Server {
+	s := &Server{ln: ln}
+	s.srv = &http.Server{
+		Handler:           s.track(h),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          log.StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true}),
+	}
+	s.wg.Go(func() {
+		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error(what+" listener stopped", "error", err)
+		}
+	})
+	return s
+}
+
+// track counts h's calls in s.wg; once Close has begun, requests get 503.
+func (s *Server) track(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			http.Error(w, "shutting down", http.StatusServiceUnavailable)
+			return
+		}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		defer s.wg.Done()
+		h.ServeHTTP(w, r)
+	})
 }
 
 // Handler returns the admin endpoints as an http.Handler.
@@ -99,16 +135,7 @@ func Listen(addr string, opts Options) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{opts: opts, ln: ln, srv: &http.Server{
-		Handler:           Handler(opts),
-		ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog:          opts.Logger.StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true}),
-	}}
-	go func() {
-		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			opts.Logger.Error("admin listener stopped", "error", err)
-		}
-	}()
+	s := serve(ln, Handler(opts), opts.Logger, "admin")
 	opts.Logger.Info("admin listening", "addr", ln.Addr().String(), "pprof", opts.Pprof)
 	return s, nil
 }
@@ -116,8 +143,17 @@ func Listen(addr string, opts Options) (*Server, error) {
 // Addr is the bound address.
 func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 
-// Close stops the listener and open requests.
-func (s *Server) Close() error { return s.srv.Close() }
+// Close stops the listener, closes open connections, and returns once the
+// serving goroutine and the requests in progress are done (a request's
+// context is cancelled when its connection closes).
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	err := s.srv.Close()
+	s.wg.Wait()
+	return err
+}
 
 type handlers struct{ opts Options }
 
@@ -293,22 +329,19 @@ func redactArgs(args []string) []string {
 	return out
 }
 
-// ServePprof serves mountPprof's handlers alone on addr (-pprof-addr) until
-// ctx is done.
-func ServePprof(ctx context.Context, addr string, log hclog.Logger) error {
+// ServePprof serves mountPprof's handlers alone on addr (-pprof-addr)
+// until Close.
+func ServePprof(addr string, log hclog.Logger) (*Server, error) {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	mux := http.NewServeMux()
 	mountPprof(mux)
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	go func() {
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Error("pprof server stopped", "error", err)
-		}
-	}()
-	go func() { <-ctx.Done(); srv.Close() }()
+	s := serve(ln, mux, log, "pprof")
 	log.Info("pprof listening", "addr", ln.Addr().String())
-	return nil
+	return s, nil
 }

@@ -205,11 +205,11 @@ func appDialFailure(err error) string {
 }
 
 // closeReason classifies how a proxied connection ended.
-func closeReason(err error, s *server) (reason, detail string) {
+func closeReason(err error, l *listener) (reason, detail string) {
 	switch {
 	case err == nil:
 		return ReasonClosed, ""
-	case s.forced.Load():
+	case l.forced.Load():
 		return ReasonShutdown, ""
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		return ReasonReapedIdle, ""

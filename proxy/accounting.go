@@ -12,23 +12,6 @@ import (
 // are reported (Options.FlushInterval).
 const DefaultFlushInterval = 5 * time.Second
 
-// lstats is one listener's accounting, shared by its handlers, the shared
-// flush and the admin endpoints. It outlives the listener's place in the
-// Proxy while its connections drain.
-type lstats struct {
-	name, kind, addr string // kind is "inbound" or "upstream"
-	srv              *server
-	labels           []metrics.Label
-	gauge            *connGauge
-	rxKey, txKey     []string
-	durKey           []string
-	ul               *upstreamListener // upstream listeners only
-
-	proxied  atomic.Int64
-	rx, tx   atomic.Int64 // bytes reported so far
-	draining atomic.Bool
-}
-
 // liveConn is a proxied connection's byte counts: live ones from the copy
 // loop and what has been reported of them. The flush and the close take
 // the difference under mu, so nothing is counted twice.
@@ -48,7 +31,7 @@ func (lc *liveConn) take(rx, tx int64) (drx, dtx int64) {
 }
 
 // account reports bytes: one counter increment per direction.
-func (l *lstats) account(m *metrics.Metrics, rx, tx int64) {
+func (l *listener) account(m *metrics.Metrics, rx, tx int64) {
 	if rx > 0 {
 		l.rx.Add(rx)
 		m.IncrCounter(l.rxKey, float32(rx), l.labels)
@@ -59,12 +42,12 @@ func (l *lstats) account(m *metrics.Metrics, rx, tx int64) {
 	}
 }
 
-func (l *lstats) opened(m *metrics.Metrics) {
+func (l *listener) opened(m *metrics.Metrics) {
 	l.proxied.Add(1)
 	l.gauge.add(m, 1)
 }
 
-func (l *lstats) closed(m *metrics.Metrics, start time.Time) {
+func (l *listener) closed(m *metrics.Metrics, start time.Time) {
 	l.gauge.add(m, -1)
 	m.MeasureSince(l.durKey, start, l.labels)
 }
@@ -107,10 +90,11 @@ func (p *Proxy) gaugeFor(key []string, labels []metrics.Label) *connGauge {
 	return g
 }
 
-// newStats registers a listener's accounting. p.mu is held.
-func (p *Proxy) newStats(kind, name string, srv *server, labels []metrics.Label) *lstats {
-	l := &lstats{name: name, kind: kind, addr: srv.Addr().String(), srv: srv, labels: labels}
-	if kind == "inbound" {
+// register sets up a listener's accounting and lists it for the flush
+// and /stats. p.mu is held.
+func (p *Proxy) register(l *listener, labels []metrics.Label) {
+	l.labels = labels
+	if l.kind == kindInbound {
 		l.rxKey, l.txKey, l.durKey = metrics.InboundRxBytes, metrics.InboundTxBytes, metrics.InboundDuration
 		l.gauge = p.gaugeFor(metrics.InboundConns, labels)
 	} else {
@@ -119,7 +103,6 @@ func (p *Proxy) newStats(kind, name string, srv *server, labels []metrics.Label)
 	}
 	p.declare(l)
 	p.listeners[l] = struct{}{}
-	return l
 }
 
 // declare makes a listener's series whose labels are known now exist at
@@ -129,12 +112,12 @@ func (p *Proxy) newStats(kind, name string, srv *server, labels []metrics.Label)
 // service (inbound.denied) cannot be known in advance and appear on first
 // use; the endpoint and leaf gauges come with the flush that precedes
 // readiness.
-func (p *Proxy) declare(l *lstats) {
+func (p *Proxy) declare(l *listener) {
 	m := p.metrics
 	for _, k := range [][]string{l.rxKey, l.txKey, l.durKey} {
 		m.Declare(k, l.labels)
 	}
-	if l.kind == "inbound" {
+	if l.kind == kindInbound {
 		withReason := func(key []string, reasons []string) {
 			for _, r := range reasons {
 				m.Declare(key, append(l.labels[:len(l.labels):len(l.labels)], metrics.Label{Name: "reason", Value: r}))
@@ -154,7 +137,7 @@ func (p *Proxy) declare(l *lstats) {
 }
 
 // forget drops a drained listener's accounting.
-func (p *Proxy) forget(l *lstats) {
+func (p *Proxy) forget(l *listener) {
 	p.mu.Lock()
 	delete(p.listeners, l)
 	p.mu.Unlock()
@@ -187,7 +170,7 @@ func (p *Proxy) flush() {
 	p.flushMu.Lock()
 	defer p.flushMu.Unlock()
 	p.mu.Lock()
-	ls := make([]*lstats, 0, len(p.listeners))
+	ls := make([]*listener, 0, len(p.listeners))
 	// Only the gauges of listeners still there (draining ones included):
 	// a removed upstream's series stops being emitted and expires.
 	gauges := map[*connGauge]struct{}{}
@@ -200,7 +183,7 @@ func (p *Proxy) flush() {
 
 	var buf []*liveConn
 	for _, l := range ls {
-		buf = l.srv.live(buf[:0])
+		buf = l.live(buf[:0])
 		var rx, tx int64
 		for _, lc := range buf {
 			r, t := lc.take(lc.ctr.AToB.Load(), lc.ctr.BToA.Load())
@@ -208,9 +191,9 @@ func (p *Proxy) flush() {
 			tx += t
 		}
 		l.account(p.metrics, rx, tx)
-		if l.ul != nil && !l.draining.Load() {
+		if l.up != nil && !l.draining.Load() {
 			healthy, ejected := 0, 0
-			for _, e := range l.ul.up.Endpoints() {
+			for _, e := range l.up.Endpoints() {
 				healthy++
 				if !e.EjectedUntil.IsZero() {
 					ejected++

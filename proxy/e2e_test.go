@@ -403,7 +403,7 @@ func TestAccessLogDeniedOnly(t *testing.T) {
 }
 
 func TestCloseReason(t *testing.T) {
-	s := &server{}
+	s := &listener{}
 	for _, tc := range []struct {
 		err    error
 		forced bool

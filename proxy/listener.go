@@ -9,36 +9,73 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/straitproxy/strait/config"
+	"github.com/straitproxy/strait/metrics"
+	"github.com/straitproxy/strait/upstream"
 )
 
-// server runs one accept loop and tracks the connections it handed out, so
-// that it can stop accepting, let them finish, and force the rest closed.
-type server struct {
-	name   string
-	ln     net.Listener
+// Listener kinds, as /stats shows them.
+const (
+	kindInbound  = "inbound"  // the public listener
+	kindUpstream = "upstream" // an upstream listener
+)
+
+// listener is one bound listener, the public one or an upstream's: its
+// accept loop, the connections it handed out (so that it can stop
+// accepting, let them finish and force the rest closed), and its
+// accounting, shared by its handlers, the shared flush and the admin
+// endpoints. It outlives its place in the Proxy while its connections
+// drain. What differs between the kinds is handle and the fields marked
+// public or upstream.
+type listener struct {
+	name, kind, addr string
+	ln               net.Listener
+	log              hclog.Logger
+	// handle serves every accepted connection; set before start.
 	handle handler
-	log    hclog.Logger
-	// admit, if set, decides on every accepted connection before a
-	// goroutine is started for it; a refused one is closed at once.
+	// admit, if set before start, decides on every accepted connection
+	// before a goroutine is started for it; a refused one is closed at
+	// once.
 	admit func() bool
+
+	// public: the app address and timeouts may change in place.
+	cfg atomic.Pointer[config.Public]
+	// upstream: its configuration, its endpoints, and the cancel of the
+	// context its endpoint watch runs under.
+	upCfg  config.Upstream
+	up     *upstream.Upstream
+	stopUp context.CancelFunc
 
 	ctx    context.Context // cancelled when connections must be abandoned
 	cancel context.CancelFunc
-
-	mu     sync.Mutex
-	conns  map[net.Conn]*liveConn // nil until the connection is proxied
-	closed bool
 	// drainCtx is cancelled when Shutdown starts: tunnels stop taking
 	// streams.
 	drainCtx   context.Context
 	drainStart context.CancelFunc
-	wg         sync.WaitGroup // accept loop + handlers
+
+	mu      sync.Mutex
+	conns   map[net.Conn]*liveConn // nil until the connection is proxied
+	stopped bool
+	started bool
+	// wg counts the accept loop, the handler goroutines, and the
+	// connections until their release.
+	wg sync.WaitGroup
 
 	accepted atomic.Int64
 	refused  atomic.Int64 // by admit
 	// forced is set when Shutdown's grace ran out and it closed the
 	// connections still open, so that they are reported as "shutdown".
 	forced atomic.Bool
+
+	// Accounting, set by Proxy.register.
+	labels       []metrics.Label
+	gauge        *connGauge
+	rxKey, txKey []string
+	durKey       []string
+	proxied      atomic.Int64
+	rx, tx       atomic.Int64 // bytes reported so far
+	draining     atomic.Bool
 }
 
 // handler serves one accepted connection. It must call release exactly once
@@ -46,23 +83,33 @@ type server struct {
 // that (the copy loop runs on goroutines of its own).
 type handler func(ctx context.Context, c net.Conn, release func())
 
-func newServer(name string, ln net.Listener, log hclog.Logger, admit func() bool, handle handler) *server {
-	ctx, cancel := context.WithCancel(context.Background())
-	s := &server{name: name, ln: ln, handle: handle, admit: admit, log: log, ctx: ctx, cancel: cancel, conns: make(map[net.Conn]*liveConn)}
-	s.drainCtx, s.drainStart = context.WithCancel(context.Background())
-	s.wg.Add(1)
-	go s.serve()
-	return s
+// newListener wraps a bound net.Listener. Nothing is accepted until start.
+func newListener(kind, name string, ln net.Listener, log hclog.Logger) *listener {
+	l := &listener{name: name, kind: kind, addr: ln.Addr().String(), ln: ln, log: log, conns: make(map[net.Conn]*liveConn)}
+	l.ctx, l.cancel = context.WithCancel(context.Background())
+	l.drainCtx, l.drainStart = context.WithCancel(context.Background())
+	return l
 }
 
 // Addr is the bound address.
-func (s *server) Addr() net.Addr { return s.ln.Addr() }
+func (l *listener) Addr() net.Addr { return l.ln.Addr() }
 
-func (s *server) serve() {
-	defer s.wg.Done()
+// start runs the accept loop until Shutdown. A listener shut down before
+// it started never accepts.
+func (l *listener) start() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.stopped || l.started {
+		return
+	}
+	l.started = true
+	l.wg.Go(l.serve)
+}
+
+func (l *listener) serve() {
 	var backoff time.Duration
 	for {
-		c, err := s.ln.Accept()
+		c, err := l.ln.Accept()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
@@ -70,66 +117,68 @@ func (s *server) serve() {
 			// EMFILE and friends: back off as net/http does instead of
 			// spinning, and keep serving.
 			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			s.log.Error("accept failed", "listener", s.name, "error", err, "retry_in", backoff)
+			l.log.Error("accept failed", "listener", l.name, "error", err, "retry_in", backoff)
+			t := time.NewTimer(backoff)
 			select {
-			case <-time.After(backoff):
+			case <-t.C:
 				continue
-			case <-s.ctx.Done():
+			case <-l.ctx.Done():
+				t.Stop()
 				return
 			}
 		}
 		backoff = 0
 		// accepted is counted last, so that a reader who sees it has seen
 		// the connection held or refused.
-		if !s.track(c) {
+		if !l.track(c) {
 			c.Close()
 			return
 		}
-		if s.admit != nil && !s.admit() {
-			s.untrack(c)
-			s.refused.Add(1)
-			s.accepted.Add(1)
+		if l.admit != nil && !l.admit() {
+			l.untrack(c)
+			l.refused.Add(1)
+			l.accepted.Add(1)
 			c.Close()
 			continue
 		}
-		s.accepted.Add(1)
-		s.wg.Add(1)
+		l.accepted.Add(1)
+		l.wg.Add(1) // the connection, until release
 		var once sync.Once
 		release := func() {
 			once.Do(func() {
-				s.untrack(c)
-				s.wg.Done()
+				l.untrack(c)
+				l.wg.Done()
 			})
 		}
-		go s.handle(s.ctx, c, release)
+		l.wg.Go(func() { l.handle(l.ctx, c, release) })
 	}
 }
 
-func (s *server) track(c net.Conn) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
+func (l *listener) track(c net.Conn) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.stopped {
 		return false
 	}
-	s.conns[c] = nil
+	l.conns[c] = nil
 	return true
 }
 
 // attach records the live state of an accepted connection once it is
 // proxied, for the shared metrics flush. c must be the accepted connection.
-func (s *server) attach(c net.Conn, lc *liveConn) {
-	s.mu.Lock()
-	if _, ok := s.conns[c]; ok {
-		s.conns[c] = lc
+func (l *listener) attach(c net.Conn, lc *liveConn) {
+	l.mu.Lock()
+	if _, ok := l.conns[c]; ok {
+		l.conns[c] = lc
 	}
-	s.mu.Unlock()
+	l.mu.Unlock()
 }
 
 // live returns the proxied connections' state.
-func (s *server) live(buf []*liveConn) []*liveConn {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, lc := range s.conns {
+func (l *listener) live(buf []*liveConn) []*liveConn {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, lc := range l.conns {
 		if lc != nil {
 			buf = append(buf, lc)
 		}
@@ -137,46 +186,46 @@ func (s *server) live(buf []*liveConn) []*liveConn {
 	return buf
 }
 
-func (s *server) untrack(c net.Conn) {
-	s.mu.Lock()
-	delete(s.conns, c)
-	s.mu.Unlock()
+func (l *listener) untrack(c net.Conn) {
+	l.mu.Lock()
+	delete(l.conns, c)
+	l.mu.Unlock()
 }
 
 // Active returns the number of connections being handled.
-func (s *server) Active() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.conns)
+func (l *listener) Active() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.conns)
 }
 
 // Shutdown stops accepting, waits for live connections to finish until ctx
-// is done, then closes whatever is left and waits for the handlers to
-// return. It is safe to call more than once.
-func (s *server) Shutdown(ctx context.Context) {
-	s.mu.Lock()
-	s.drainStart()
-	s.closed = true
-	s.mu.Unlock()
-	s.ln.Close()
+// is done, then closes whatever is left and waits for the accept loop, the
+// handlers and the connections. It is safe to call more than once.
+func (l *listener) Shutdown(ctx context.Context) {
+	l.mu.Lock()
+	l.drainStart()
+	l.stopped = true
+	l.mu.Unlock()
+	l.ln.Close()
 	done := make(chan struct{})
-	go func() { s.wg.Wait(); close(done) }()
+	go func() { l.wg.Wait(); close(done) }()
 	select {
 	case <-done:
-		s.cancel()
+		l.cancel()
 		return
 	case <-ctx.Done():
 	}
-	s.forced.Store(true)
-	s.cancel()
-	s.mu.Lock()
-	n := len(s.conns)
-	for c := range s.conns {
+	l.forced.Store(true)
+	l.cancel()
+	l.mu.Lock()
+	n := len(l.conns)
+	for c := range l.conns {
 		c.Close()
 	}
-	s.mu.Unlock()
+	l.mu.Unlock()
 	if n > 0 {
-		s.log.Warn("closed connections still open at the end of the drain", "listener", s.name, "connections", n)
+		l.log.Warn("closed connections still open at the end of the drain", "listener", l.name, "connections", n)
 	}
 	<-done
 }

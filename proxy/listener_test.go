@@ -14,9 +14,9 @@ import (
 	"github.com/straitproxy/strait/internal/testutil"
 )
 
-// TestServerShutdownDrains: Shutdown stops accepting at once, lets a live
+// TestListenerShutdownDrains: Shutdown stops accepting at once, lets a live
 // connection finish its exchange, and returns when it is done.
-func TestServerShutdownDrains(t *testing.T) {
+func TestListenerShutdownDrains(t *testing.T) {
 	t.Parallel()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -27,7 +27,9 @@ func TestServerShutdownDrains(t *testing.T) {
 		defer c.Close()
 		io.Copy(c, c)
 	}
-	s := newServer("test", ln, hclog.NewNullLogger(), nil, echo)
+	s := newListener(kindUpstream, "test", ln, hclog.NewNullLogger())
+	s.handle = echo
+	s.start()
 	c, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
@@ -77,19 +79,21 @@ func TestServerShutdownDrains(t *testing.T) {
 	}
 }
 
-// TestServerShutdownForces: when the grace period ends, what is left is
+// TestListenerShutdownForces: when the grace period ends, what is left is
 // closed.
-func TestServerShutdownForces(t *testing.T) {
+func TestListenerShutdownForces(t *testing.T) {
 	t.Parallel()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := newServer("test", ln, hclog.NewNullLogger(), nil, func(_ context.Context, c net.Conn, release func()) {
+	s := newListener(kindUpstream, "test", ln, hclog.NewNullLogger())
+	s.handle = func(_ context.Context, c net.Conn, release func()) {
 		defer release()
 		defer c.Close()
 		io.Copy(io.Discard, c)
-	})
+	}
+	s.start()
 	c, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
@@ -106,5 +110,54 @@ func TestServerShutdownForces(t *testing.T) {
 	}
 	if s.Active() != 0 {
 		t.Fatalf("%d connections still tracked", s.Active())
+	}
+}
+
+// TestListenerStartsOnlyWhenStarted: a constructed listener accepts
+// nothing until start; one shut down before start never accepts.
+func TestListenerStartsOnlyWhenStarted(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newListener(kindUpstream, "test", ln, hclog.NewNullLogger())
+	handled := make(chan struct{}, 1)
+	s.handle = func(_ context.Context, c net.Conn, release func()) {
+		c.Close()
+		release()
+		handled <- struct{}{}
+	}
+	c, err := net.Dial("tcp", ln.Addr().String()) // completes in the kernel's backlog
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	select {
+	case <-handled:
+		t.Fatal("handled before start")
+	case <-time.After(50 * time.Millisecond):
+	}
+	if n := s.accepted.Load(); n != 0 {
+		t.Fatalf("accepted %d before start", n)
+	}
+	s.start()
+	select {
+	case <-handled:
+	case <-time.After(10 * time.Second):
+		t.Fatal("not handled after start")
+	}
+	s.Shutdown(context.Background())
+
+	ln2, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2 := newListener(kindUpstream, "test", ln2, hclog.NewNullLogger())
+	s2.handle = s.handle
+	s2.Shutdown(context.Background())
+	s2.start()
+	if _, err := net.Dial("tcp", ln2.Addr().String()); err == nil {
+		t.Fatal("a listener shut down before start still takes connections")
 	}
 }

@@ -125,10 +125,10 @@ type Proxy struct {
 	service     string
 
 	mu        sync.Mutex
-	public    *publicListener
-	upstreams map[string]*upstreamListener // by listen address
-	listeners map[*lstats]struct{}         // every listener until drained
-	gauges    map[string]*connGauge        // *.conns, by label set
+	public    *listener
+	upstreams map[string]*listener   // by listen address
+	listeners map[*listener]struct{} // every listener until drained
+	gauges    map[string]*connGauge  // *.conns, by label set
 	ready     atomic.Bool
 	shutdown  bool
 	// telemetryRaw is the telemetry block applied at start;
@@ -153,21 +153,6 @@ type Proxy struct {
 	admit         *admission // the public listener's limits
 	regMaxInbound int        // the registration's max_inbound_connections, under mu
 	refusalCounters
-}
-
-type publicListener struct {
-	addr  string
-	cfg   atomic.Pointer[config.Public] // app address and timeouts may change in place
-	srv   *server
-	stats *lstats
-}
-
-type upstreamListener struct {
-	cfg    config.Upstream
-	up     *upstream.Upstream
-	srv    *server
-	stats  *lstats
-	cancel context.CancelFunc
 }
 
 // New returns a Proxy. Nothing runs until Run.
@@ -195,8 +180,8 @@ func New(opts Options) *Proxy {
 	p := &Proxy{
 		pool: opts.Tunnels, lines: newLineLimiter(), admit: newAdmission(opts.MaxHandshakes),
 		opts: opts, log: opts.Logger, access: opts.AccessLogger, metrics: m, watches: w, ctx: ctx, cancel: cancel,
-		upstreams: make(map[string]*upstreamListener),
-		listeners: make(map[*lstats]struct{}),
+		upstreams: make(map[string]*listener),
+		listeners: make(map[*listener]struct{}),
 		gauges:    make(map[string]*connGauge),
 	}
 	if p.pool != nil && p.pool.OnViolation == nil {
@@ -325,7 +310,11 @@ func (p *Proxy) start(c *config.Config) {
 	src, az := parts.Source, parts.Authorizer
 	p.mu.Lock()
 	p.src, p.az, p.newUpstream = src, az, parts.Upstream
+	stopped := p.shutdown // Shutdown has begun: start nothing it would not join
 	p.mu.Unlock()
+	if stopped {
+		return
+	}
 	p.setPhase(phaseWaitingCerts)
 	p.bg.Go(func() { src.Run(p.ctx) })
 	p.bg.Go(func() { az.Run(p.ctx) })
@@ -363,7 +352,7 @@ func (p *Proxy) publicAddr() string {
 	if p.public == nil {
 		return ""
 	}
-	return p.public.srv.Addr().String()
+	return p.public.Addr().String()
 }
 
 // PublicAddr returns the bound public listener address, or nil.
@@ -373,7 +362,7 @@ func (p *Proxy) PublicAddr() net.Addr {
 	if p.public == nil {
 		return nil
 	}
-	return p.public.srv.Addr()
+	return p.public.Addr()
 }
 
 // apply moves the running listeners to c: the public listener is rebound
@@ -394,16 +383,16 @@ func (p *Proxy) apply(c *config.Config) error {
 
 	switch {
 	case c.Public == nil && p.public != nil:
-		p.log.Info("public listener removed", "addr", p.public.addr)
-		p.drainLater(p.public.stats)
+		p.log.Info("public listener removed", "addr", p.public.cfg.Load().Addr())
+		p.drainLater(p.public)
 		p.public = nil
-	case c.Public != nil && p.public != nil && p.public.addr == c.Public.Addr():
+	case c.Public != nil && p.public != nil && p.public.cfg.Load().Addr() == c.Public.Addr():
 		pub := *c.Public
 		p.public.cfg.Store(&pub)
 	case c.Public != nil:
 		if p.public != nil {
-			p.log.Info("public listener address changed; rebinding", "old", p.public.addr, "new", c.Public.Addr())
-			p.drainLater(p.public.stats)
+			p.log.Info("public listener address changed; rebinding", "old", p.public.cfg.Load().Addr(), "new", c.Public.Addr())
+			p.drainLater(p.public)
 			p.public = nil
 		}
 		pl, err := p.listenPublic(c.Public)
@@ -419,10 +408,10 @@ func (p *Proxy) apply(c *config.Config) error {
 		want[u.Network()+"|"+u.Addr()] = u
 	}
 	for key, ul := range p.upstreams {
-		if u, ok := want[key]; ok && u == ul.cfg {
+		if u, ok := want[key]; ok && u == ul.upCfg {
 			continue
 		}
-		p.log.Info("upstream removed", "upstream", ul.cfg.String(), "addr", ul.srv.Addr().String())
+		p.log.Info("upstream removed", "upstream", ul.upCfg.String(), "addr", ul.Addr().String())
 		p.stopUpstream(ul)
 		delete(p.upstreams, key)
 	}
@@ -436,7 +425,7 @@ func (p *Proxy) apply(c *config.Config) error {
 			continue
 		}
 		p.upstreams[key] = ul
-		p.log.Info("upstream listening", "upstream", u.String(), "addr", ul.srv.Addr().String())
+		p.log.Info("upstream listening", "upstream", u.String(), "addr", ul.Addr().String())
 	}
 	p.applyErr = errors.Join(errs...)
 	return p.applyErr
@@ -461,59 +450,53 @@ func (p *Proxy) setMaxInbound(pub *config.Public) {
 	}
 }
 
-func (p *Proxy) drainLater(l *lstats) {
+// drainLater stops l accepting and lets its live connections drain in
+// the background, owned by the Proxy, for DrainTimeout; then an upstream's
+// endpoint watch stops. The listener is closed now so that its address can
+// be rebound at once.
+func (p *Proxy) drainLater(l *listener) {
 	d := p.opts.DrainTimeout
 	if d <= 0 {
 		d = 15 * time.Second
 	}
+	l.ln.Close()
 	l.draining.Store(true)
 	p.bg.Go(func() {
 		ctx, cancel := context.WithTimeout(p.ctx, d)
 		defer cancel()
-		l.srv.Shutdown(ctx)
+		l.Shutdown(ctx)
+		if l.stopUp != nil {
+			l.stopUp()
+		}
 		p.forget(l)
 	})
 }
 
-func (p *Proxy) stopUpstream(ul *upstreamListener) {
-	// Close the listener now so the address can be rebound at once; live
-	// connections drain in the background, then the watch stops.
-	ul.srv.ln.Close()
-	ul.stats.draining.Store(true)
-	d := p.opts.DrainTimeout
-	if d <= 0 {
-		d = 15 * time.Second
-	}
-	p.bg.Go(func() {
-		ctx, cancel := context.WithTimeout(p.ctx, d)
-		defer cancel()
-		ul.srv.Shutdown(ctx)
-		ul.cancel()
-		p.forget(ul.stats)
-	})
-}
+func (p *Proxy) stopUpstream(ul *listener) { p.drainLater(ul) }
 
-func (p *Proxy) listenPublic(c *config.Public) (*publicListener, error) {
+// listenPublic binds and starts the public listener. p.mu is held.
+func (p *Proxy) listenPublic(c *config.Public) (*listener, error) {
 	ln, err := net.Listen("tcp", c.Addr())
 	if err != nil {
 		return nil, fmt.Errorf("public listener: %w", err)
 	}
-	pl := &publicListener{addr: c.Addr()}
+	pl := newListener(kindInbound, "public", ln, p.log)
 	pub := *c
 	pl.cfg.Store(&pub)
 	tlsCfg := p.src.ServerConfig(p.authorize)
-	ready := make(chan struct{})
-	pl.srv = newServer("public", ln, p.log, p.admitHandshake, func(ctx context.Context, conn net.Conn, release func()) {
-		<-ready
+	pl.admit = p.admitHandshake
+	pl.handle = func(ctx context.Context, conn net.Conn, release func()) {
 		p.handleInbound(ctx, conn, pl, tlsCfg, release)
-	})
-	pl.stats = p.newStats("inbound", "public", pl.srv, []metrics.Label{{Name: "dst", Value: p.service}})
-	close(ready)
+	}
+	p.register(pl, []metrics.Label{{Name: "dst", Value: p.service}})
+	pl.start()
 	p.log.Info("public listener bound", "addr", ln.Addr().String(), "app", c.LocalServiceAddress)
 	return pl, nil
 }
 
-func (p *Proxy) listenUpstream(u config.Upstream) (*upstreamListener, error) {
+// listenUpstream binds and starts an upstream listener and its endpoint
+// watch. p.mu is held.
+func (p *Proxy) listenUpstream(u config.Upstream) (*listener, error) {
 	up, err := p.newUpstream(u)
 	if err != nil {
 		return nil, err
@@ -529,17 +512,15 @@ func (p *Proxy) listenUpstream(u config.Upstream) (*upstreamListener, error) {
 	}
 	ctx, cancel := context.WithCancel(p.ctx)
 	p.bg.Go(func() { up.Run(ctx) })
-	ul := &upstreamListener{cfg: u, up: up, cancel: cancel}
-	ready := make(chan struct{})
-	ul.srv = newServer("upstream "+u.DestinationName, ln, p.log, nil, func(ctx context.Context, conn net.Conn, release func()) {
-		<-ready
+	ul := newListener(kindUpstream, u.String(), ln, p.log)
+	ul.upCfg, ul.up, ul.stopUp = u, up, cancel
+	ul.handle = func(ctx context.Context, conn net.Conn, release func()) {
 		p.handleUpstream(ctx, conn, ul, release)
-	})
-	ul.stats = p.newStats("upstream", u.String(), ul.srv, []metrics.Label{
+	}
+	p.register(ul, []metrics.Label{
 		{Name: "src", Value: p.service}, {Name: "dst_type", Value: u.Type()}, {Name: "dst", Value: u.DestinationName},
 	})
-	ul.stats.ul = ul
-	close(ready)
+	ul.start()
 	return ul, nil
 }
 
@@ -598,7 +579,7 @@ func (p *Proxy) authorize(ctx context.Context, peer tlsutil.Identity, serial str
 	return nil
 }
 
-func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *publicListener, tlsCfg *tls.Config, release func()) {
+func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *listener, tlsCfg *tls.Config, release func()) {
 	cfg := pl.cfg.Load()
 	rec := &accessRecord{dir: "inbound", dest: p.service, endpoint: cfg.LocalServiceAddress,
 		remote: addrString(conn.RemoteAddr()), start: time.Now(), limitKey: remoteIP(conn)}
@@ -643,7 +624,7 @@ type inbound struct {
 // classic connections and tunnel streams alike: authorize (streams), dial
 // the app, answer the stream, proxy. release is called once the
 // connection is finished.
-func (p *Proxy) serveInbound(ctx context.Context, in inbound, pl *publicListener, release func()) {
+func (p *Proxy) serveInbound(ctx context.Context, in inbound, pl *listener, release func()) {
 	handedOff := false
 	defer func() {
 		if !handedOff {
@@ -683,13 +664,13 @@ func (p *Proxy) serveInbound(ctx context.Context, in inbound, pl *publicListener
 		if err := in.stream.Accept(); err != nil {
 			app.Close()
 			in.stream.Close()
-			rec.reason, rec.detail = closeReason(err, pl.srv)
+			rec.reason, rec.detail = closeReason(err, pl)
 			p.logAccess(rec)
 			return
 		}
 	}
 	handedOff = true
-	p.proxy(in.raw, in.conn, app, pl.stats, rec, release, nil)
+	p.proxy(in.raw, in.conn, app, pl, rec, release, nil)
 }
 
 // authorizeStream checks a tunnel stream: our own service only (a tunnel
@@ -747,14 +728,14 @@ func remoteIP(c net.Conn) string {
 	return addrString(c.RemoteAddr())
 }
 
-func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *upstreamListener, release func()) {
+func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *listener, release func()) {
 	handedOff := false
 	defer func() {
 		if !handedOff {
 			release()
 		}
 	}()
-	rec := &accessRecord{dir: "upstream", dest: ul.cfg.String(), remote: addrString(conn.RemoteAddr()), start: time.Now()}
+	rec := &accessRecord{dir: "upstream", dest: ul.upCfg.String(), remote: addrString(conn.RemoteAddr()), start: time.Now()}
 	if b := p.src.Bundle(); b != nil {
 		rec.source = b.Identity.String()
 	}
@@ -763,7 +744,7 @@ func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *upstreamL
 	select {
 	case <-ul.up.Ready():
 	default:
-		t := time.NewTimer(ul.cfg.ConnectTimeoutOrDefault())
+		t := time.NewTimer(ul.upCfg.ConnectTimeoutOrDefault())
 		select {
 		case <-ul.up.Ready():
 		case <-t.C:
@@ -774,7 +755,7 @@ func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *upstreamL
 	tc, ep, releaseEndpoint, err := ul.up.DialConn(ctx)
 	rec.attempts = int32(ep.Attempts)
 	if n := rec.attempts; n > 1 {
-		p.metrics.IncrCounter(metrics.UpstreamDialRetries, float32(n-1), ul.stats.labels)
+		p.metrics.IncrCounter(metrics.UpstreamDialRetries, float32(n-1), ul.labels)
 	}
 	if err != nil {
 		conn.Close()
@@ -782,23 +763,23 @@ func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *upstreamL
 		if ctx.Err() != nil {
 			rec.reason = ReasonShutdown
 		} else {
-			p.log.Warn("upstream dial failed", "upstream", ul.cfg.String(), "error", err)
-			p.metrics.IncrCounter(metrics.UpstreamDialFailed, 1, ul.stats.labels)
+			p.log.Warn("upstream dial failed", "upstream", ul.upCfg.String(), "error", err)
+			p.metrics.IncrCounter(metrics.UpstreamDialFailed, 1, ul.labels)
 		}
 		p.logAccess(rec)
 		return
 	}
 	rec.endpoint = ep.Addr
-	p.proxy(conn, conn, tc, ul.stats, rec, release, releaseEndpoint)
+	p.proxy(conn, conn, tc, ul, rec, release, releaseEndpoint)
 	handedOff = true
 }
 
 // proxy hands an accepted connection (raw, as the listener tracks it; a
 // is what to copy from, the TLS side for inbound) and its dialed peer b to
 // the copy loop, and does the accounting and the access log at the end.
-func (p *Proxy) proxy(raw, a, b net.Conn, l *lstats, rec *accessRecord, release, releaseEndpoint func()) {
+func (p *Proxy) proxy(raw, a, b net.Conn, l *listener, rec *accessRecord, release, releaseEndpoint func()) {
 	lc := &liveConn{}
-	l.srv.attach(raw, lc)
+	l.attach(raw, lc)
 	l.opened(p.metrics)
 	StartCounted(a, b, p.opts.HalfCloseTimeout, &lc.ctr, func(res Result) {
 		defer release()
@@ -809,7 +790,7 @@ func (p *Proxy) proxy(raw, a, b net.Conn, l *lstats, rec *accessRecord, release,
 		l.account(p.metrics, rx, tx)
 		l.closed(p.metrics, rec.start)
 		rec.rx, rec.tx = res.AToB, res.BToA
-		rec.reason, rec.detail = closeReason(res.Err, l.srv)
+		rec.reason, rec.detail = closeReason(res.Err, l)
 		if res.Err != nil && !isClosed(res.Err) {
 			p.log.Debug(rec.dir+" connection ended with error", "source", rec.source, "destination", rec.dest,
 				"endpoint", rec.endpoint, "error", res.Err, "duration", time.Since(rec.start))
@@ -823,19 +804,19 @@ func (p *Proxy) proxy(raw, a, b net.Conn, l *lstats, rec *accessRecord, release,
 func (p *Proxy) Shutdown(ctx context.Context) {
 	p.mu.Lock()
 	p.shutdown = true
-	var srvs []*server
+	var ls []*listener
 	if p.public != nil {
-		srvs = append(srvs, p.public.srv)
+		ls = append(ls, p.public)
 	}
 	for _, ul := range p.upstreams {
-		srvs = append(srvs, ul.srv)
+		ls = append(ls, ul)
 	}
 	p.mu.Unlock()
 	p.ready.Store(false)
 	p.setPhase(phaseStopping)
 	var wg sync.WaitGroup
-	for _, s := range srvs {
-		wg.Go(func() { s.Shutdown(ctx) })
+	for _, l := range ls {
+		wg.Go(func() { l.Shutdown(ctx) })
 	}
 	wg.Wait()
 	if p.pool != nil {

@@ -222,7 +222,7 @@ func (p *Proxy) Listeners() []ListenerStats {
 	for l := range p.listeners {
 		out = append(out, ListenerStats{
 			Name: l.name, Kind: l.kind, Addr: l.addr, Draining: l.draining.Load(),
-			Active: l.srv.Active(), Accepted: l.srv.accepted.Load(), Proxied: l.proxied.Load(), Refused: l.srv.refused.Load(),
+			Active: l.Active(), Accepted: l.accepted.Load(), Proxied: l.proxied.Load(), Refused: l.refused.Load(),
 			RxBytes: l.rx.Load(), TxBytes: l.tx.Load(),
 		})
 	}
@@ -313,16 +313,16 @@ type EndpointInfo struct {
 // Upstreams reports the upstream listeners in service, sorted by name.
 func (p *Proxy) Upstreams() []UpstreamStatus {
 	p.mu.Lock()
-	uls := make([]*upstreamListener, 0, len(p.upstreams))
+	uls := make([]*listener, 0, len(p.upstreams))
 	for _, ul := range p.upstreams {
 		uls = append(uls, ul)
 	}
 	p.mu.Unlock()
 	out := make([]UpstreamStatus, 0, len(uls))
 	for _, ul := range uls {
-		u := ul.cfg
+		u := ul.upCfg
 		st := UpstreamStatus{
-			Name: u.String(), UpstreamDestination: DestinationOf(u), Listen: ul.srv.Addr().String(), Active: ul.srv.Active(),
+			Name: u.String(), UpstreamDestination: DestinationOf(u), Listen: ul.Addr().String(), Active: ul.Active(),
 			Endpoints: []EndpointInfo{},
 		}
 		select {

@@ -45,7 +45,7 @@ func (p *Proxy) tunnelViolation(key string, err error) {
 // until it ends: every stream takes the same admission path as a classic
 // inbound connection (serveInbound). When the listener starts draining,
 // the tunnel refuses new streams and ends once its live ones are done.
-func (p *Proxy) serveTunnel(ctx context.Context, raw net.Conn, tc *tls.Conn, pl *publicListener) {
+func (p *Proxy) serveTunnel(ctx context.Context, raw net.Conn, tc *tls.Conn, pl *listener) {
 	peer := peerID(tc)
 	remote := addrString(raw.RemoteAddr())
 	dst := metrics.Label{Name: "dst", Value: p.service}
@@ -64,7 +64,7 @@ func (p *Proxy) serveTunnel(ctx context.Context, raw net.Conn, tc *tls.Conn, pl 
 	// The tunnel drains when the listener does, or when strait stops.
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stop := context.AfterFunc(pl.srv.drainCtx, cancel)
+	stop := context.AfterFunc(pl.drainCtx, cancel)
 	defer stop()
 
 	var live sync.WaitGroup // streams handed to the copy loop

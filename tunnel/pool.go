@@ -136,6 +136,11 @@ func (p *Pool) Adopt(ctx context.Context, key string, gen any, conn net.Conn, se
 		return nil, err
 	}
 	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		t.sess.Close()
+		return nil, ErrNoRoom
+	}
 	t.pending++ // reserved for our stream
 	p.keysLocked()[key] = append(p.keys[key], t)
 	p.mu.Unlock()
@@ -165,6 +170,14 @@ func (p *Pool) newTun(key string, conn net.Conn, gen any) (*tun, error) {
 		conn.Close()
 		return nil, err
 	}
+	// Under mu, so that no watcher starts once Close waits for them.
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		sess.Close() // waits for the session's loops: not under mu
+		return nil, ErrNoRoom
+	}
+	defer p.mu.Unlock()
 	p.open.Add(1)
 	p.wg.Go(func() {
 		defer p.open.Add(-1)
@@ -248,7 +261,7 @@ func (p *Pool) prune(key string, gen any) []*tun {
 		}
 		if !t.dialing && !t.usable(gen) && t.load() == 0 {
 			p.stopIdle(t)
-			go t.sess.Close() // Close waits for the session's loops; not under p.mu
+			p.wg.Go(func() { t.sess.Close() }) // Close waits for the session's loops; not under p.mu
 			continue
 		}
 		out = append(out, t)
@@ -375,13 +388,15 @@ func (p *Pool) idleCheck(key string, t *tun) {
 	}
 	t.idle = time.AfterFunc(idle, func() {
 		p.mu.Lock()
-		close := t.load() == 0 && !t.dialing
+		close := t.load() == 0 && !t.dialing && !p.closed
 		if close {
 			p.remove(key, t)
+			p.wg.Add(1) // Close waits for this close too
 		}
 		p.mu.Unlock()
 		if close {
 			t.sess.Close()
+			p.wg.Done()
 		}
 	})
 }

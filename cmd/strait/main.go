@@ -14,6 +14,7 @@ import (
 	stdlog "log"
 	"os"
 	"os/signal"
+	"sync"
 	"syscall"
 	"time"
 
@@ -84,10 +85,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	defer signal.Stop(sigs)
 
 	if o.pprofAddr != "" {
-		if err := admin.ServePprof(ctx, o.pprofAddr, log); err != nil {
+		ps, err := admin.ServePprof(o.pprofAddr, log)
+		if err != nil {
 			fmt.Fprintf(stderr, "strait: -pprof-addr: %v\n", err)
 			return 2
 		}
+		defer ps.Close()
 	}
 
 	accessMode, _ := proxy.ParseAccessLog(o.accessLog)
@@ -128,11 +131,16 @@ func run(args []string, stdout, stderr io.Writer) int {
 	runCtx, stopRun := context.WithCancel(ctx)
 	defer stopRun()
 	watchCtx := watch.WithObserver(runCtx, p.WatchObserver()) // config watch failures show on /ready
+	// bg owns the goroutines started below; every exit but the forced one
+	// (second signal) stops and joins them.
+	var bg sync.WaitGroup
+	stopAll := func() {
+		stop() // runCtx too
+		bg.Wait()
+	}
 	// feeder delivers configurations; in flags mode with -register it also
 	// owns the registration and deregisters when runCtx ends.
-	feederDone := make(chan struct{})
-	go func() {
-		defer close(feederDone)
+	bg.Go(func() {
 		if o.proxyID == "" && o.sidecarFor == "" {
 			cfgs <- o.flagsConfig()
 			if o.register {
@@ -156,15 +164,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		log.Info("agent mode", "proxy_id", id)
 		config.WatchAgent(watchCtx, client, id, log.Named("config"), cfgs)
-	}()
+	})
 
 	runErr := make(chan error, 1)
-	go func() { runErr <- p.Run(runCtx, cfgs) }()
+	bg.Go(func() { runErr <- p.Run(runCtx, cfgs) })
 	// systemd (Type=notify): READY=1 once ready; watchdog pings only while
-	// the proxy can serve (an expired leaf stops them).
+	// the proxy can serve (an expired leaf stops them), the drain included.
 	healthy := func() bool { return p.Readiness().Ready }
-	go sd.ReadyWhen(runCtx, healthy)
-	go sd.Watchdog(ctx, healthy)
+	bg.Go(func() { sd.ReadyWhen(runCtx, healthy) })
+	bg.Go(func() { sd.Watchdog(ctx, healthy) })
 
 	for {
 		select {
@@ -172,6 +180,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			if err != nil {
 				log.Error("proxy failed", "error", err)
 				shutdown(p, log, 0)
+				stopAll()
 				return 1
 			}
 			runErr = nil
@@ -186,7 +195,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			done := make(chan struct{})
 			go func() {
 				shutdown(p, log, o.shutdownGrace)
-				<-feederDone
+				stopAll()
 				close(done)
 			}()
 			select {
