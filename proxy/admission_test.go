@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/straitproxy/strait/config"
+	"github.com/straitproxy/strait/internal/testutil"
 	"github.com/straitproxy/strait/tunnel"
 )
 
@@ -77,7 +78,7 @@ func (h *harness) publicStats(t *testing.T) ListenerStats {
 func (h *harness) waitAccepted(t *testing.T, n int64) ListenerStats {
 	t.Helper()
 	var st ListenerStats
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		if st = h.publicStats(t); st.Accepted < n {
 			return fmt.Errorf("public listener accepted %d of %d connections", st.Accepted, n)
 		}
@@ -135,7 +136,7 @@ func TestMaxInboundConnectionsBoundsSilentConnects(t *testing.T) {
 	for _, c := range append(conns, more...) {
 		c.Close()
 	}
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		if a := h.publicStats(t).Active; a != 0 {
 			return fmt.Errorf("%d connections still held after the flood", a)
 		}
@@ -184,7 +185,7 @@ func TestMaxInboundConnectionsCountsTunnelStreams(t *testing.T) {
 	}
 	defer first.Close()
 	// The client's handshake ends before the server's.
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		if hs, _ := h.p.admit.counts(); hs != 0 {
 			return fmt.Errorf("%d handshakes in progress", hs)
 		}
@@ -244,7 +245,7 @@ func TestMaxInboundConnectionsCountsTunnelStreams(t *testing.T) {
 		c.Close()
 	}
 	live[0].Close()
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		c, err := pool.Open(context.Background(), "k", nil, "web", nil)
 		if err != nil {
 			return err

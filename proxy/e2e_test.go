@@ -193,13 +193,6 @@ func testParts(a *testagent.Agent, log hclog.Logger, pool *tunnel.Pool) func(*co
 	}
 }
 
-// eventually is testutil.EventuallyNil for proxy/tunnel_test.go, which is
-// being rewritten elsewhere; delete it once that file calls testutil.
-func eventually(t testing.TB, cond func() error) {
-	t.Helper()
-	testutil.EventuallyNil(t, cond)
-}
-
 // roundTrip sends msg on c, half-closes, and reads the echo to EOF.
 func roundTrip(t *testing.T, c net.Conn, msg string) {
 	t.Helper()

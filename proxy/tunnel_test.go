@@ -21,6 +21,7 @@ import (
 
 	"github.com/straitproxy/strait/config"
 	"github.com/straitproxy/strait/internal/testagent"
+	"github.com/straitproxy/strait/internal/testutil"
 	"github.com/straitproxy/strait/tlsutil"
 	"github.com/straitproxy/strait/tunnel"
 )
@@ -100,7 +101,7 @@ func TestTunnelSelfLoop(t *testing.T) {
 
 	t.Logf("before deny: %+v", h.p.Tunnels())
 	h.agent.SetIntentions(testagent.Intention("web", "web", api.IntentionActionDeny))
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		c, err := net.Dial("unix", h.upSock)
 		if err != nil {
 			return err
@@ -166,7 +167,7 @@ func TestTunnelsPerPeerLimit(t *testing.T) {
 		t.Fatal(err)
 	}
 	roundTrip(t, first, "one")
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		if n := h.p.Tunnels().InboundTunnels; n != 1 {
 			return fmt.Errorf("inbound tunnels %d", n)
 		}
@@ -199,7 +200,7 @@ func TestTunnelBrokenFramingEndsTunnel(t *testing.T) {
 	if _, err := io.Copy(io.Discard, tc); err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatal("tunnel still open after a framing error")
 	}
-	eventually(t, func() error {
+	testutil.EventuallyNil(t, func() error {
 		if n := h.p.Tunnels().InboundTunnels; n != 0 {
 			return fmt.Errorf("inbound tunnels %d", n)
 		}

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/straitproxy/strait/internal/testutil"
 	"github.com/straitproxy/strait/internal/yamux"
 )
 
@@ -522,23 +523,12 @@ func TestEOFSurvivesTunnelEnd(t *testing.T) {
 	s.Write([]byte("tail"))
 	s.CloseWrite()
 	// Both FINs are in once the client's session forgets the stream.
-	eventually(t, func() bool { return c.Stream.Session().NumStreams() == 0 })
+	testutil.Eventually(t, "the client forgets the finished stream", func() bool { return c.Stream.Session().NumStreams() == 0 })
 	s.Stream.Session().Close()
 	<-c.Stream.Session().CloseChan()
 	got, err := io.ReadAll(c)
 	if err != nil || string(got) != "tail" {
 		t.Fatalf("read %q, %v; want the data and EOF", got, err)
-	}
-}
-
-func eventually(t *testing.T, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met in 10s")
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }
 
