@@ -90,13 +90,13 @@ func span(t *testing.T, s string) time.Duration {
 // that raising it without raising TimeoutStopSec fails here.
 func defaultShutdownGrace(t *testing.T) time.Duration {
 	t.Helper()
-	src, err := os.ReadFile("../cmd/strait/main.go")
+	src, err := os.ReadFile("../cmd/strait/flags.go")
 	if err != nil {
 		t.Fatal(err)
 	}
 	m := regexp.MustCompile(`"shutdown-grace",\s*(\d+)\s*\*\s*time\.(Second|Minute)`).FindSubmatch(src)
 	if m == nil {
-		t.Fatal(`cannot find the -shutdown-grace default in cmd/strait/main.go (expected "shutdown-grace", N*time.Second)`)
+		t.Fatal(`cannot find the -shutdown-grace default in cmd/strait/flags.go (expected "shutdown-grace", N*time.Second)`)
 	}
 	n, _ := strconv.Atoi(string(m[1]))
 	if string(m[2]) == "Minute" {
