@@ -258,7 +258,7 @@ func TestMetricsBuiltinNames(t *testing.T) {
 		return nil
 	})
 	_, body := get(t, e.base+"/metrics")
-	promtoolCheck(t, body)
+	testutil.PromtoolCheck(t, body)
 	resp, err := http.Get(e.base + "/metrics")
 	if err != nil {
 		t.Fatal(err)

@@ -1,13 +1,9 @@
 package admin
 
 import (
-	"bytes"
-	"context"
-	"os"
-	"os/exec"
+	"github.com/straitproxy/strait/internal/testutil"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/straitproxy/strait/proxy"
 	"github.com/straitproxy/strait/tunnel"
@@ -60,28 +56,5 @@ func TestMetricsAtZeroWhenReady(t *testing.T) {
 	if t.Failed() {
 		t.Logf("/metrics:\n%s", body)
 	}
-	promtoolCheck(t, body)
-}
-
-// promtoolCheck runs Prometheus's own linter on an exposition and fails
-// on any finding. Without promtool it skips, unless STRAIT_REQUIRE_TOOLS=1
-// (make test-unit, CI) makes that a failure.
-func promtoolCheck(t *testing.T, exposition string) {
-	t.Helper()
-	path, err := exec.LookPath("promtool")
-	if err != nil {
-		if os.Getenv("STRAIT_REQUIRE_TOOLS") == "1" {
-			t.Fatalf("promtool not found and STRAIT_REQUIRE_TOOLS=1 (install the Debian package prometheus): %v", err)
-		}
-		t.Skip("promtool not on PATH; set STRAIT_REQUIRE_TOOLS=1 to make this a failure")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, path, "check", "metrics")
-	cmd.Stdin = strings.NewReader(exposition)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil || strings.TrimSpace(out.String()) != "" {
-		t.Fatalf("promtool check metrics: %v\n%s\nexposition:\n%s", err, out.String(), exposition)
-	}
+	testutil.PromtoolCheck(t, body)
 }

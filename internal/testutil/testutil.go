@@ -9,6 +9,10 @@ package testutil
 
 import (
 	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -78,4 +82,27 @@ func (b *Buffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.b.String()
+}
+
+// PromtoolCheck runs Prometheus's own linter (promtool check metrics) on
+// an exposition and fails on any finding. Without promtool it skips,
+// unless STRAIT_REQUIRE_TOOLS=1 (make test, CI) makes that a failure.
+func PromtoolCheck(t testing.TB, exposition string) {
+	t.Helper()
+	path, err := exec.LookPath("promtool")
+	if err != nil {
+		if os.Getenv("STRAIT_REQUIRE_TOOLS") == "1" {
+			t.Fatalf("promtool not found and STRAIT_REQUIRE_TOOLS=1 (install the Debian package prometheus): %v", err)
+		}
+		t.Skip("promtool not on PATH; set STRAIT_REQUIRE_TOOLS=1 to make this a failure")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, path, "check", "metrics")
+	cmd.Stdin = strings.NewReader(exposition)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil || strings.TrimSpace(out.String()) != "" {
+		t.Fatalf("promtool check metrics: %v\n%s\nexposition:\n%s", err, out.String(), exposition)
+	}
 }
