@@ -1,10 +1,10 @@
 package admin
 
 import (
-	"github.com/straitproxy/strait/internal/testutil"
 	"strings"
 	"testing"
 
+	"github.com/straitproxy/strait/internal/testutil"
 	"github.com/straitproxy/strait/proxy"
 	"github.com/straitproxy/strait/tunnel"
 )

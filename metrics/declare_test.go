@@ -2,10 +2,11 @@ package metrics
 
 import (
 	"bytes"
-	"github.com/straitproxy/strait/internal/testutil"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/straitproxy/strait/internal/testutil"
 )
 
 // TestDeclare: declared counters and summaries are exposed at zero under
