@@ -603,3 +603,32 @@ func TestTunnelBufferCap(t *testing.T) {
 		c.Close()
 	}
 }
+
+// TestPoolSpreadsBusyTunnels: 32 live streams go over every tunnel the
+// pool may dial (at spreadStreams each), not 32 deep on the first one.
+func TestPoolSpreadsBusyTunnels(t *testing.T) {
+	s := newEchoServer(t)
+	p := &Pool{MaxTunnels: 4}
+	defer p.Close()
+	var cs []*Conn
+	for range 32 {
+		c, err := p.Open(context.Background(), "k", 1, "echo", s.dial)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cs = append(cs, c)
+	}
+	if tn, st := p.Stats(); tn != 4 || st != 32 {
+		t.Fatalf("tunnels %d, streams %d; want 4 tunnels for 32 streams", tn, st)
+	}
+	p.mu.Lock()
+	for _, tu := range p.keys["k"] {
+		if n := tu.load(); n != 8 {
+			t.Errorf("a tunnel carries %d streams, want 8", n)
+		}
+	}
+	p.mu.Unlock()
+	for _, c := range cs {
+		c.Close()
+	}
+}
