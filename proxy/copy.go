@@ -151,7 +151,11 @@ func (p *pipe) run(dst, src net.Conn, count *atomic.Int64, dir string) {
 // (under TLS too). Tunnel streams cannot be reset (yamux has no public
 // RST); their peer reads EOF.
 func abortive(c net.Conn) {
-	if nc, ok := c.(interface{ NetConn() net.Conn }); ok {
+	for {
+		nc, ok := c.(interface{ NetConn() net.Conn })
+		if !ok {
+			break
+		}
 		c = nc.NetConn()
 	}
 	if tc, ok := c.(*net.TCPConn); ok {

@@ -585,7 +585,7 @@ func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *listener, 
 		remote: addrString(conn.RemoteAddr()), start: time.Now(), limitKey: remoteIP(conn)}
 	// The accept loop took a handshake slot (admission) for conn.
 	hctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeoutOrDefault())
-	tc := tls.Server(conn, tlsCfg)
+	tc := tlsutil.Server(conn, tlsCfg)
 	err := tc.HandshakeContext(hctx)
 	cancel()
 	if err != nil {
@@ -603,8 +603,8 @@ func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *listener, 
 		return
 	}
 	p.admit.promote()
-	rec.source = peerID(tc)
-	p.serveInbound(ctx, inbound{raw: conn, conn: tc, tc: tc, rec: rec}, pl, p.releasingConn(release))
+	rec.source = peerID(tc.Conn)
+	p.serveInbound(ctx, inbound{raw: conn, conn: tc, tc: tc.Conn, rec: rec}, pl, p.releasingConn(release))
 }
 
 // inbound is an authenticated inbound connection on its way to the app: a

@@ -2,7 +2,7 @@ package proxy
 
 import (
 	"context"
-	"crypto/tls"
+
 	"errors"
 	"net"
 	"sync"
@@ -11,6 +11,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/straitproxy/strait/metrics"
+	"github.com/straitproxy/strait/tlsutil"
 	"github.com/straitproxy/strait/tunnel"
 )
 
@@ -45,8 +46,8 @@ func (p *Proxy) tunnelViolation(key string, err error) {
 // until it ends: every stream takes the same admission path as a classic
 // inbound connection (serveInbound). When the listener starts draining,
 // the tunnel refuses new streams and ends once its live ones are done.
-func (p *Proxy) serveTunnel(ctx context.Context, raw net.Conn, tc *tls.Conn, pl *listener) {
-	peer := peerID(tc)
+func (p *Proxy) serveTunnel(ctx context.Context, raw net.Conn, tc *tlsutil.Conn, pl *listener) {
+	peer := peerID(tc.Conn)
 	remote := addrString(raw.RemoteAddr())
 	dst := metrics.Label{Name: "dst", Value: p.service}
 	if !p.inTunnelsByPeer.acquire(peer, p.opts.TunnelMaxPerPeer) {
@@ -80,7 +81,7 @@ func (p *Proxy) serveTunnel(ctx context.Context, raw net.Conn, tc *tls.Conn, pl 
 			return
 		}
 		rec := &accessRecord{dir: "inbound", dest: p.service, remote: remote, start: time.Now(), source: peer, limitKey: limitKey}
-		p.serveInbound(ctx, inbound{raw: c, conn: c, tc: tc, stream: c, service: svc, rec: rec}, pl, release)
+		p.serveInbound(ctx, inbound{raw: c, conn: c, tc: tc.Conn, stream: c, service: svc, rec: rec}, pl, release)
 	}, func(err error) {
 		reason := "bad_header"
 		switch {

@@ -43,12 +43,12 @@ type DialResult struct {
 // The caller must call the returned release func once the proxied connection
 // ends, to decrement the endpoint's active count; calling it again is a no-op.
 // On error the conn and release func are nil.
-func (u *Upstream) Dial(ctx context.Context) (*tls.Conn, DialResult, func(), error) {
+func (u *Upstream) Dial(ctx context.Context) (*tlsutil.Conn, DialResult, func(), error) {
 	c, res, release, err := u.dial(ctx, false)
 	if err != nil {
 		return nil, res, nil, err
 	}
-	return c.(*tls.Conn), res, release, nil
+	return c.(*tlsutil.Conn), res, release, nil
 }
 
 // DialConn is Dial, except that with a tunnel pool (Options.Tunnels) a
@@ -232,16 +232,20 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 	return c, nil
 }
 
-func (u *Upstream) handshake(ctx context.Context, addr string, cfg *tls.Config) (*tls.Conn, error) {
+func (u *Upstream) handshake(ctx context.Context, addr string, cfg *tls.Config) (*tlsutil.Conn, error) {
 	if cfg == nil {
 		return nil, errors.New("no client TLS configuration (leaf certificate not loaded?)")
 	}
-	d := tls.Dialer{NetDialer: u.netDialer, Config: cfg}
-	c, err := d.DialContext(ctx, "tcp", addr)
+	raw, err := u.netDialer.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
 	}
-	return c.(*tls.Conn), nil
+	c := tlsutil.Client(raw, cfg)
+	if err := c.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, err
+	}
+	return c, nil
 }
 
 // alertNoApplicationProtocol is the TLS alert a server sends when it
