@@ -13,8 +13,7 @@ import (
 // column specs below), failures (which fail the run) and notes.
 type result struct {
 	name, label string
-	round       int    // 1-based
-	skipped     string // reason the topology did not run (not a failure)
+	round       int // 1-based
 	setupErr    error
 	optional    bool // a setup error is reported but does not fail the run
 	failures    []string
