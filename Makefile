@@ -42,7 +42,7 @@ fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 demo: build consul ## run two strait proxies against a dev agent and flip an intention
 	scripts/demo.sh
 
-bench: build consul ## strait vs consul connect proxy vs a plain relay in one run (~2 min); writes BENCHMARKS.md; BENCHFLAGS="-duration 2s -only strait" for quick runs
+bench: build consul ## strait vs consul connect proxy vs a plain relay (and HAProxy, stunnel if installed), 3 interleaved rounds (~9 min); writes BENCHMARKS.md; BENCHFLAGS="-rounds 1 -duration 2s -only strait" for quick runs
 	$(GO) run ./scripts/bench $(BENCHFLAGS)
 
 clean: ## remove built binaries

@@ -11,22 +11,25 @@ import (
 	"time"
 )
 
-// Phases, in run order; each is timed for proxy CPU.
+// Phases, in run order; each is timed for proxy CPU. The idle-connections
+// phase is last, so it runs on a pair that has already carried bulk,
+// request/response and thousands of short connections: a connection slot
+// or memory leak in those would not show on a fresh pair.
 const (
-	phaseIdle  = "idle"
 	phaseBulk1 = "bulk1"
 	phaseBulk8 = "bulk8"
 	phaseDown1 = "down1"
 	phaseRR1   = "rr1"
 	phaseRR32  = "rr32"
 	phaseConn  = "conn"
+	phaseIdle  = "idle"
 
 	connWorkers      = 8
 	connErrTolerance = 0.001 // failed fraction of the connection-rate test
 	settle           = 500 * time.Millisecond
 )
 
-var phases = []string{phaseIdle, phaseBulk1, phaseBulk8, phaseDown1, phaseRR1, phaseRR32, phaseConn}
+var phases = []string{phaseBulk1, phaseBulk8, phaseDown1, phaseRR1, phaseRR32, phaseConn, phaseIdle}
 
 // measureAll warms a running pair up and runs every measurement through
 // it, filling res. A failed measurement is recorded and the others still
@@ -67,7 +70,6 @@ func measureAll(ctx context.Context, e *env, o *options, pr *pair, res *result) 
 		phase string
 		run   func() error
 	}{
-		{phaseIdle, func() error { return measureIdle(ctx, pr, o.idleConns, res) }},
 		{phaseBulk1, func() error {
 			r := upload(ctx, pr.entry, 1, o.duration)
 			res.set("bulk1", r.gbps())
@@ -106,6 +108,7 @@ func measureAll(ctx context.Context, e *env, o *options, pr *pair, res *result) 
 			}
 			return nil
 		}},
+		{phaseIdle, func() error { return measureIdle(ctx, pr, o.idleConns, res) }},
 	}
 	for _, s := range steps {
 		if ctx.Err() != nil {

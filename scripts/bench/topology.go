@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"time"
 )
@@ -67,6 +68,7 @@ var topologies = map[string]topology{
 	}},
 	"relay":   {label: "plain relay pair", start: startRelayPair},
 	"haproxy": {label: "HAProxy mTLS pair", optional: true, start: startHAProxyPair},
+	"stunnel": {label: "stunnel mTLS pair", optional: true, start: startStunnelPair},
 }
 
 // readyRE matches strait's "proxy ready" and the built-in's
@@ -149,6 +151,51 @@ func startRelayPair(ctx context.Context, e *env) (*pair, error) {
 	return pr, nil
 }
 
+// agentCerts writes leaf certificates (with their keys) issued by the
+// agent's Connect CA for bench-client-<name> and bench-server-<name>, and
+// the CA roots, into dir: client.pem, server.pem, ca.pem.
+func agentCerts(ctx context.Context, e *env, name, dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	var roots string
+	for _, side := range []string{"client", "server"} {
+		cert, key, r, err := e.agent.leaf(ctx, "bench-"+side+"-"+name)
+		if err != nil {
+			return fmt.Errorf("leaf for bench-%s-%s: %w", side, name, err)
+		}
+		roots = r
+		if err := os.WriteFile(filepath.Join(dir, side+".pem"), []byte(cert+"\n"+key+"\n"), 0o600); err != nil {
+			return err
+		}
+	}
+	return os.WriteFile(filepath.Join(dir, "ca.pem"), []byte(roots), 0o600)
+}
+
+// startConfigPair starts B then A, each as bin with args plus the path of
+// its config file (written to dir), and waits until each listens.
+func startConfigPair(ctx context.Context, e *env, name, dir, bin string, args []string, cfgA, cfgB, upstream, public string) (*pair, error) {
+	pr := &pair{entry: upstream}
+	for _, side := range []struct {
+		name, cfg, addr string
+		p               **proc
+	}{{name + "-B", cfgB, public, &pr.b}, {name + "-A", cfgA, upstream, &pr.a}} {
+		path := filepath.Join(dir, side.name+".cfg")
+		if err := os.WriteFile(path, []byte(side.cfg), 0o600); err != nil {
+			return pr, fmt.Errorf("%s: %w", name, err)
+		}
+		p, err := e.procs.start(side.name, e.tmp, bin, append(slices.Clone(args), path)...)
+		if err != nil {
+			return pr, err
+		}
+		*side.p = p
+		if err := waitDialable(ctx, side.addr, p, 15*time.Second); err != nil {
+			return pr, fmt.Errorf("%s: %w", side.name, err)
+		}
+	}
+	return pr, nil
+}
+
 // startHAProxyPair runs two HAProxy processes doing mTLS between them with
 // certificates issued by the agent's Connect CA (chain verified against the
 // roots; HAProxy does not check the peer's SPIFFE ID, so it does a little
@@ -159,21 +206,7 @@ func startHAProxyPair(ctx context.Context, e *env) (*pair, error) {
 		return nil, skipError{"haproxy not installed"}
 	}
 	dir := filepath.Join(e.tmp, "haproxy")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("haproxy: %w", err)
-	}
-	var roots string
-	for _, svc := range []string{"bench-client-haproxy", "bench-server-haproxy"} {
-		cert, key, r, err := e.agent.leaf(ctx, svc)
-		if err != nil {
-			return nil, fmt.Errorf("haproxy: leaf for %s: %w", svc, err)
-		}
-		roots = r
-		if err := os.WriteFile(filepath.Join(dir, svc+".pem"), []byte(cert+"\n"+key+"\n"), 0o600); err != nil {
-			return nil, fmt.Errorf("haproxy: %w", err)
-		}
-	}
-	if err := os.WriteFile(filepath.Join(dir, "ca.pem"), []byte(roots), 0o600); err != nil {
+	if err := agentCerts(ctx, e, "haproxy", dir); err != nil {
 		return nil, fmt.Errorf("haproxy: %w", err)
 	}
 	ports, err := freePorts(2)
@@ -184,26 +217,38 @@ func startHAProxyPair(ctx context.Context, e *env) (*pair, error) {
 	public := "127.0.0.1:" + strconv.Itoa(ports[1])
 	const global = "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n"
 	cfgB := global + fmt.Sprintf("frontend pub\n  bind %s ssl crt %s ca-file %s verify required\n  default_backend app\nbackend app\n  server app %s\n",
-		public, filepath.Join(dir, "bench-server-haproxy.pem"), filepath.Join(dir, "ca.pem"), e.backend)
+		public, filepath.Join(dir, "server.pem"), filepath.Join(dir, "ca.pem"), e.backend)
 	cfgA := global + fmt.Sprintf("frontend up\n  bind %s\n  default_backend mesh\nbackend mesh\n  server b %s ssl crt %s ca-file %s verify required\n",
-		upstream, public, filepath.Join(dir, "bench-client-haproxy.pem"), filepath.Join(dir, "ca.pem"))
-	pr := &pair{entry: upstream}
-	for _, side := range []struct {
-		name, cfg, addr string
-		p               **proc
-	}{{"haproxy-B", cfgB, public, &pr.b}, {"haproxy-A", cfgA, upstream, &pr.a}} {
-		path := filepath.Join(dir, side.name+".cfg")
-		if err := os.WriteFile(path, []byte(side.cfg), 0o600); err != nil {
-			return pr, fmt.Errorf("haproxy: %w", err)
-		}
-		p, err := e.procs.start(side.name, e.tmp, bin, "-db", "-f", path)
-		if err != nil {
-			return pr, err
-		}
-		*side.p = p
-		if err := waitDialable(ctx, side.addr, p, 15*time.Second); err != nil {
-			return pr, fmt.Errorf("%s: %w", side.name, err)
+		upstream, public, filepath.Join(dir, "client.pem"), filepath.Join(dir, "ca.pem"))
+	return startConfigPair(ctx, e, "haproxy", dir, bin, []string{"-db", "-f"}, cfgA, cfgB, upstream, public)
+}
+
+// startStunnelPair runs two stunnel processes (Debian's stunnel4) doing
+// mTLS between them with agent-issued certificates, like the HAProxy pair
+// (chain verified, no SPIFFE ID check). stunnel runs a thread per
+// connection. Skipped when stunnel is not installed.
+func startStunnelPair(ctx context.Context, e *env) (*pair, error) {
+	bin, err := exec.LookPath("stunnel4")
+	if err != nil {
+		if bin, err = exec.LookPath("stunnel"); err != nil {
+			return nil, skipError{"stunnel not installed"}
 		}
 	}
-	return pr, nil
+	dir := filepath.Join(e.tmp, "stunnel")
+	if err := agentCerts(ctx, e, "stunnel", dir); err != nil {
+		return nil, fmt.Errorf("stunnel: %w", err)
+	}
+	ports, err := freePorts(2)
+	if err != nil {
+		return nil, err
+	}
+	upstream := "127.0.0.1:" + strconv.Itoa(ports[0])
+	public := "127.0.0.1:" + strconv.Itoa(ports[1])
+	// Errors only: the default level logs every connection.
+	const global = "foreground = yes\npid =\ndebug = err\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
+	cfgB := global + fmt.Sprintf("[pub]\naccept = %s\nconnect = %s\ncert = %s\nCAfile = %s\nverifyChain = yes\nrequireCert = yes\n",
+		public, e.backend, filepath.Join(dir, "server.pem"), filepath.Join(dir, "ca.pem"))
+	cfgA := global + fmt.Sprintf("[up]\nclient = yes\naccept = %s\nconnect = %s\ncert = %s\nCAfile = %s\nverifyChain = yes\n",
+		upstream, public, filepath.Join(dir, "client.pem"), filepath.Join(dir, "ca.pem"))
+	return startConfigPair(ctx, e, "stunnel", dir, bin, nil, cfgA, cfgB, upstream, public)
 }
