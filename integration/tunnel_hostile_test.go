@@ -94,8 +94,16 @@ func TestHostileTunnelPeer(t *testing.T) {
 	grown := rssKiB(t, p.server.Pid()) - rssBefore
 	lines := strings.Count(p.server.out.String(), "\n") - linesBefore
 	t.Logf("%d refused streams of %d KiB: strait RSS +%d KiB, %d log lines", streams, window>>10, grown, lines)
-	if grown > 64<<10 {
-		t.Errorf("strait's RSS grew by %d MiB", grown>>10)
+	// The bound is 64 MiB; a strait built with -race (STRAIT_RACE=1, as
+	// make test does) keeps the race detector's shadow memory too, which
+	// measured 4x the plain build's growth here (+9 MiB plain, +36-40 MiB
+	// race-built), so it gets twice the room.
+	limit := 64 << 10
+	if os.Getenv("STRAIT_RACE") == "1" {
+		limit *= 2
+	}
+	if grown > limit {
+		t.Errorf("strait's RSS grew by %d MiB (limit %d MiB)", grown>>10, limit>>10)
 	}
 	if lines >= 50 {
 		t.Errorf("%d log lines for %d refused streams", lines, streams)
