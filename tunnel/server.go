@@ -91,7 +91,9 @@ func Serve(ctx context.Context, conn net.Conn, lim Limits, handle func(c *Conn, 
 		}
 		t := time.NewTicker(drainPoll)
 		defer t.Stop()
-		for sess.NumStreams() > 0 {
+		// Close only once the streams are gone AND their last frames
+		// (a reply, a FIN) have left: Close drops what is still queued.
+		for sess.NumStreams() > 0 || sess.Pending() > 0 {
 			select {
 			case <-t.C:
 			case <-sess.CloseChan():

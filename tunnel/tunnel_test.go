@@ -632,3 +632,86 @@ func TestPoolSpreadsBusyTunnels(t *testing.T) {
 		c.Close()
 	}
 }
+
+// gatedConn blocks Reads while its gate is shut.
+type gatedConn struct {
+	net.Conn
+	mu   sync.Mutex
+	open *sync.Cond
+	shut bool
+}
+
+func newGatedConn(c net.Conn) *gatedConn {
+	g := &gatedConn{Conn: c}
+	g.open = sync.NewCond(&g.mu)
+	return g
+}
+
+func (g *gatedConn) Read(b []byte) (int, error) {
+	g.mu.Lock()
+	for g.shut {
+		g.open.Wait()
+	}
+	g.mu.Unlock()
+	return g.Conn.Read(b)
+}
+
+func (g *gatedConn) setShut(shut bool) {
+	g.mu.Lock()
+	g.shut = shut
+	g.mu.Unlock()
+	g.open.Broadcast()
+}
+
+// TestDrainSendsLastFrames: a draining tunnel whose last stream has
+// finished on the server side, with its reply and FIN still queued (the
+// client is slow to read), waits for them to leave before it closes: the
+// client reads the reply and EOF, not a lost tunnel.
+func TestDrainSendsLastFrames(t *testing.T) {
+	a, b := net.Pipe()
+	client := newGatedConn(a)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	reply := make(chan struct{})
+	served := make(chan error, 1)
+	go func() {
+		served <- Serve(ctx, b, Limits{}, func(c *Conn, svc string) {
+			c.Accept()
+			<-reply
+			c.Write([]byte("tail"))
+			c.CloseWrite()
+		}, nil)
+	}()
+	sess, err := yamux.Client(client, yamuxConfig(1), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Close()
+	defer client.setShut(false) // before Close, which waits for the reader
+	st, err := sess.OpenStream(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	hdr, _ := AppendHeader(nil, "echo")
+	if answer, err := handshakeStream(context.Background(), st, hdr); err != nil || answer != StatusOK {
+		t.Fatalf("answer %d, %v", answer, err)
+	}
+	st.CloseWrite() // our FIN: the server finishes the stream once it has replied
+	client.setShut(true)
+	close(reply)
+	cancel() // drain, while the reply and the server's FIN cannot be written yet
+	select {
+	case err := <-served:
+		t.Fatalf("the tunnel closed with its last frames unsent: %v", err)
+	case <-time.After(10 * drainPoll):
+	}
+	client.setShut(false)
+	st.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got, err := io.ReadAll(NewConn(st, nil))
+	if err != nil || string(got) != "tail" {
+		t.Fatalf("read %q, %v; want the reply and EOF", got, err)
+	}
+	if err := <-served; err != nil {
+		t.Fatalf("Serve: %v", err)
+	}
+}

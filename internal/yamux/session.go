@@ -91,6 +91,9 @@ type Session struct {
 
 	// sendCh is used to send messages
 	sendCh chan []byte
+	// strait: sendPending counts messages handed to sendCh and not yet
+	// written (Pending).
+	sendPending atomic.Int64
 
 	// pingCh and pingCh are used to send pings and pongs
 	pongCh, pingCh chan uint32
@@ -178,6 +181,11 @@ func (s *Session) IsClosed() bool {
 func (s *Session) CloseChan() <-chan struct{} {
 	return s.shutdownCh
 }
+
+// Pending reports the messages handed to the send loop and not yet
+// written to the connection (strait: a draining session closes once its
+// streams are gone and this is 0, so that no final frame is lost).
+func (s *Session) Pending() int64 { return s.sendPending.Load() }
 
 // NumStreams returns the number of currently open streams
 func (s *Session) NumStreams() int {
@@ -519,6 +527,7 @@ func (s *Session) sendMsg(hdr header, body []byte, deadline <-chan struct{}, wai
 	}
 
 	// duplicate as we're sending this async.
+	s.sendPending.Add(1)
 	buf := pool.Get(headerSize + len(body))
 	copy(buf[:headerSize], hdr[:])
 	copy(buf[headerSize:], body)
@@ -526,9 +535,11 @@ func (s *Session) sendMsg(hdr header, body []byte, deadline <-chan struct{}, wai
 	select {
 	case <-s.shutdownCh:
 		pool.Put(buf)
+		s.sendPending.Add(-1)
 		return s.shutdownErr
 	case <-s.sendDoneCh:
 		pool.Put(buf)
+		s.sendPending.Add(-1)
 		if waitForShutDown {
 			<-s.shutdownCh
 			return s.shutdownErr
@@ -538,6 +549,7 @@ func (s *Session) sendMsg(hdr header, body []byte, deadline <-chan struct{}, wai
 		return nil
 	case <-deadline:
 		pool.Put(buf)
+		s.sendPending.Add(-1)
 		return ErrTimeout
 	}
 }
@@ -621,6 +633,7 @@ func (s *Session) sendLoop() (err error) {
 		}
 
 		var buf []byte
+		queued := false // strait: from sendCh (sendPending)
 		// Make sure to send any pings & pongs first so they don't get stuck behind writes.
 		select {
 		case pingID := <-s.pingCh:
@@ -635,6 +648,7 @@ func (s *Session) sendLoop() (err error) {
 			// Then send normal data.
 			select {
 			case buf = <-s.sendCh:
+				queued = true
 			case pingID := <-s.pingCh:
 				buf = pool.Get(headerSize)
 				hdr := encode(typePing, flagSYN, 0, pingID)
@@ -678,6 +692,9 @@ func (s *Session) sendLoop() (err error) {
 
 		_, err := writer.Write(buf)
 		pool.Put(buf)
+		if queued {
+			s.sendPending.Add(-1)
+		}
 
 		if err != nil {
 			if os.IsTimeout(err) {
