@@ -82,48 +82,13 @@ func TestTunnelSlotsAfterMixedWorkload(t *testing.T) {
 		return nil
 	})
 
-	// 2,000 at once: dials paced (100 in flight), then one more round trip
-	// each once all are open.
+	// 2,000 at once, then one more round trip each once all are open.
 	const n = 2000
-	var conns sync.WaitGroup
-	conns.Add(n)
-	allOpen := make(chan struct{})
-	go func() { conns.Wait(); close(allOpen) }()
-	var wg sync.WaitGroup
-	dialing := make(chan struct{}, 100)
-	errs := make(chan error, n)
-	for i := range n {
-		wg.Go(func() {
-			dialing <- struct{}{}
-			c, err := net.DialTimeout("tcp", p.upstreamAddr, 5*time.Second)
-			if err == nil {
-				err = roundTrip(c, randomPayload(512+i), key, 30*time.Second)
-			}
-			<-dialing
-			conns.Done()
-			if c != nil {
-				defer c.Close()
-			}
-			if err != nil {
-				errs <- fmt.Errorf("connection %d: %w", i, err)
-				return
-			}
-			<-allOpen
-			if err := roundTrip(c, randomPayload(64), key, 30*time.Second); err != nil {
-				errs <- fmt.Errorf("connection %d, with all open: %w", i, err)
-			}
-		})
-	}
-	wg.Wait()
-	close(errs)
-	failed := 0
-	for err := range errs {
-		if failed++; failed <= 5 {
+	if errs := concurrentRoundTrips(p.upstreamAddr, n, key, func(i int) int { return 512 + i }, func(int) int { return 64 }); len(errs) > 0 {
+		for _, err := range errs[:min(5, len(errs))] {
 			t.Error(err)
 		}
-	}
-	if failed > 0 {
-		t.Fatalf("%d of %d concurrent connections failed after the mixed workload", failed, n)
+		t.Fatalf("%d of %d concurrent connections failed after the mixed workload", len(errs), n)
 	}
 	t.Logf("client after %d concurrent: %+v", n, *getTunnelStats(t, p.client).Tunnels)
 	series, err := promSeries(p.server, "inbound_tunnel_refused_total")
@@ -141,4 +106,47 @@ func randomPayload(n int) []byte {
 	b := make([]byte, n)
 	_, _ = rand.Read(b)
 	return b
+}
+
+// concurrentRoundTrips opens n connections to addr at the same time (dials
+// paced, 100 in flight, so that the burst does not test the app's accept
+// backlog), round-trips first(i) random bytes on each, and once all are
+// open second(i) bytes more. It returns the failures.
+func concurrentRoundTrips(addr string, n int, key byte, first, second func(i int) int) []error {
+	var conns sync.WaitGroup
+	conns.Add(n)
+	allOpen := make(chan struct{})
+	go func() { conns.Wait(); close(allOpen) }()
+	var wg sync.WaitGroup
+	dialing := make(chan struct{}, 100)
+	errs := make(chan error, n)
+	for i := range n {
+		wg.Go(func() {
+			dialing <- struct{}{}
+			c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+			if err == nil {
+				err = roundTrip(c, randomPayload(first(i)), key, 30*time.Second)
+			}
+			<-dialing
+			conns.Done()
+			if c != nil {
+				defer c.Close()
+			}
+			if err != nil {
+				errs <- fmt.Errorf("connection %d: %w", i, err)
+				return
+			}
+			<-allOpen
+			if err := roundTrip(c, randomPayload(second(i)), key, 30*time.Second); err != nil {
+				errs <- fmt.Errorf("connection %d, with all open: %w", i, err)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	var out []error
+	for err := range errs {
+		out = append(out, err)
+	}
+	return out
 }

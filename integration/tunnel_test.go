@@ -1,11 +1,8 @@
 package integration
 
 import (
-	"crypto/rand"
 	"errors"
-	"fmt"
 	"net"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -58,55 +55,13 @@ func TestStraitPairTunnels(t *testing.T) {
 	}
 
 	// 1,000 streams open at the same time, each carrying data before and
-	// after all are open. Dials are paced (100 in flight) so that the
-	// burst does not test the app's accept backlog and strait's 1 s local
-	// connect timeout on a loaded 2-core machine instead of the tunnels.
+	// after all are open.
 	const n = 1000
-	var wg sync.WaitGroup
-	errs := make(chan error, n)
-	dialing := make(chan struct{}, 100)
-	var open sync.WaitGroup
-	open.Add(n)
-	allOpen := make(chan struct{})
-	go func() { open.Wait(); close(allOpen) }()
-	for i := 0; i < n; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			dialing <- struct{}{}
-			c, err := net.DialTimeout("tcp", p.upstreamAddr, 5*time.Second)
-			if err == nil {
-				payload := make([]byte, 8*1024+i)
-				_, _ = rand.Read(payload)
-				err = roundTrip(c, payload, key, 30*time.Second)
-			}
-			<-dialing
-			open.Done()
-			if c != nil {
-				defer c.Close()
-			}
-			if err != nil {
-				errs <- fmt.Errorf("connection %d: %w", i, err)
-				return
-			}
-			<-allOpen // every stream is open now
-			payload := make([]byte, 1024+i)
-			_, _ = rand.Read(payload)
-			if err := roundTrip(c, payload, key, 30*time.Second); err != nil {
-				errs <- fmt.Errorf("connection %d, with all open: %w", i, err)
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	failed := 0
-	for err := range errs {
-		if failed++; failed <= 5 {
+	if errs := concurrentRoundTrips(p.upstreamAddr, n, key, func(i int) int { return 8*1024 + i }, func(i int) int { return 1024 + i }); len(errs) > 0 {
+		for _, err := range errs[:min(5, len(errs))] {
 			t.Error(err)
 		}
-	}
-	if failed > 0 {
-		t.Fatalf("%d of %d concurrent connections failed", failed, n)
+		t.Fatalf("%d of %d concurrent connections failed", len(errs), n)
 	}
 	st := getTunnelStats(t, p.client)
 	t.Logf("client after %d concurrent: %+v", n, *st.Tunnels)

@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/straitproxy/strait/internal/testutil"
 )
 
 // tcpPair returns the two ends of a loopback TCP connection.
@@ -198,17 +200,8 @@ func TestPipeGoroutines(t *testing.T) {
 
 // pipeGoroutines counts the goroutines started by Start.
 func pipeGoroutines() int {
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if n < len(buf) {
-			buf = buf[:n]
-			break
-		}
-		buf = make([]byte, 2*len(buf))
-	}
 	count := 0
-	for _, g := range strings.Split(string(buf), "\n\n") {
+	for _, g := range testutil.Goroutines() {
 		if strings.Contains(g, "proxy.(*pipe).run(") {
 			count++
 		}

@@ -409,16 +409,7 @@ func TestRefusedForLimitRetried(t *testing.T) {
 // TestServerOpenedStreamClosesTunnel: a server that opens a stream on a
 // client tunnel breaks the protocol: the tunnel is closed and reported.
 func TestServerOpenedStreamClosesTunnel(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
+	addr := serveOne(t, func(c net.Conn) {
 		sess, _ := yamux.Server(c, yamuxConfig(16), nil)
 		defer sess.Close()
 		st, err := sess.AcceptStream()
@@ -434,12 +425,12 @@ func TestServerOpenedStreamClosesTunnel(t *testing.T) {
 		}
 		evil.Write(make([]byte, 200<<10))
 		<-sess.CloseChan()
-	}()
+	})
 	violations := make(chan error, 1)
 	p := &Pool{OnViolation: func(_ string, err error) { violations <- err }}
 	defer p.Close()
 	c, err := p.Open(context.Background(), "k", 1, "echo", func(ctx context.Context) (net.Conn, error) {
-		return (&net.Dialer{}).DialContext(ctx, "tcp", ln.Addr().String())
+		return (&net.Dialer{}).DialContext(ctx, "tcp", addr)
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -540,22 +531,12 @@ func TestTunnelBufferCap(t *testing.T) {
 	const budget = 2 << 20
 	hold := make(chan struct{})
 	defer close(hold)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
+	addr := serveOne(t, func(c net.Conn) {
 		Serve(context.Background(), c, Limits{MaxStreams: streams, Budget: budget}, func(c *Conn, svc string) {
 			c.Accept()
 			go func() { <-hold; c.Close() }() // never reads
 		}, nil)
-	}()
+	})
 	heap := func() int64 {
 		runtime.GC()
 		var m runtime.MemStats
@@ -565,7 +546,7 @@ func TestTunnelBufferCap(t *testing.T) {
 	p := &Pool{MaxStreams: streams, MaxTunnels: 1}
 	defer p.Close()
 	dial := func(ctx context.Context) (net.Conn, error) {
-		return (&net.Dialer{}).DialContext(ctx, "tcp", ln.Addr().String())
+		return (&net.Dialer{}).DialContext(ctx, "tcp", addr)
 	}
 	before := heap()
 	var cs []*Conn
@@ -714,4 +695,24 @@ func TestDrainSendsLastFrames(t *testing.T) {
 	if err := <-served; err != nil {
 		t.Fatalf("Serve: %v", err)
 	}
+}
+
+// serveOne listens on loopback, runs serve on the first connection (closed
+// when serve returns) and returns the address.
+func serveOne(t *testing.T, serve func(net.Conn)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		serve(c)
+	}()
+	return ln.Addr().String()
 }
