@@ -6,6 +6,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sync/errgroup"
+
 	"github.com/straitproxy/strait/metrics"
 	"github.com/straitproxy/strait/tlsutil"
 )
@@ -88,26 +90,42 @@ func (p *Proxy) revokeLoop() {
 // (one question per source) and closes the connections of those denied.
 // A source that cannot be decided (agent unreachable, nothing cached)
 // keeps its connections: they were allowed, and nothing says otherwise.
+//
+// Sources are checked revokeParallel at a time: most answers come from the
+// local intention set at once, but sources that no intention matches need
+// the agent, and one slow answer must not hold up the others.
 func (p *Proxy) revalidate() {
+	var g errgroup.Group
+	g.SetLimit(revokeParallel)
 	for k, conns := range p.admitted.bySource() {
-		ctx, cancel := context.WithTimeout(p.ctx, revokeCheckTimeout)
-		d, err := p.az.Authorize(ctx, k.id, k.serial)
-		cancel()
-		if err != nil {
-			if p.ctx.Err() == nil {
-				p.log.Warn("cannot re-check open connections; they stay open", "source", k.id.String(), "error", err)
-			}
-			continue
+		g.Go(func() error {
+			p.recheck(k, conns)
+			return nil
+		})
+	}
+	g.Wait()
+}
+
+const revokeParallel = 8
+
+func (p *Proxy) recheck(k sourceKey, conns []*admitted) {
+	ctx, cancel := context.WithTimeout(p.ctx, revokeCheckTimeout)
+	d, err := p.az.Authorize(ctx, k.id, k.serial)
+	cancel()
+	if err != nil {
+		if p.ctx.Err() == nil {
+			p.log.Warn("cannot re-check open connections; they stay open", "source", k.id.String(), "error", err)
 		}
-		if d.Allow {
-			continue
-		}
-		reason := d.Reason
-		p.log.Info("intentions now deny open connections; closing them", "source", k.id.String(), "connections", len(conns), "reason", reason)
-		p.metrics.IncrCounter(metrics.InboundRevoked, float32(len(conns)), []metrics.Label{{Name: "src", Value: k.id.Service}, {Name: "dst", Value: p.service}})
-		for _, a := range conns {
-			a.revoked.Store(&reason)
-			a.kill()
-		}
+		return
+	}
+	if d.Allow {
+		return
+	}
+	reason := d.Reason
+	p.log.Info("intentions now deny open connections; closing them", "source", k.id.String(), "connections", len(conns), "reason", reason)
+	p.metrics.IncrCounter(metrics.InboundRevoked, float32(len(conns)), []metrics.Label{{Name: "src", Value: k.id.Service}, {Name: "dst", Value: p.service}})
+	for _, a := range conns {
+		a.revoked.Store(&reason)
+		a.kill()
 	}
 }
