@@ -95,6 +95,12 @@ func FromAgentService(svc *api.AgentService) (*Config, error) {
 		if pub.MaxInboundConnections, err = intKey(pc, "max_inbound_connections"); err != nil {
 			return nil, err
 		}
+		pub.Transparent = px.Mode == api.ProxyModeTransparent
+		if pub.Transparent && px.LocalServiceSocketPath == "" {
+			if _, port, err := net.SplitHostPort(pub.LocalServiceAddress); err == nil {
+				pub.ApplicationPort, _ = strconv.Atoi(port)
+			}
+		}
 		c.Public = pub
 	}
 

@@ -240,6 +240,16 @@ func TestFromAgentServicePublic(t *testing.T) {
 			want:  Public{BindAddress: "10.0.0.7", BindPort: 21000, LocalServiceAddress: "127.0.0.1:8080", MaxInboundConnections: 50},
 		},
 		{
+			name:  "transparent mode knows the application's port",
+			edits: []func(map[string]any){set(proxyOf, "Mode", "transparent")},
+			want:  Public{BindAddress: "10.0.0.7", BindPort: 21000, LocalServiceAddress: "127.0.0.1:8080", Transparent: true, ApplicationPort: 8080},
+		},
+		{
+			name:  "transparent mode, application port from local_service_address",
+			edits: []func(map[string]any){set(proxyOf, "Mode", "transparent"), proxyConfig(`{"local_service_address": "127.0.0.2:9090"}`)},
+			want:  Public{BindAddress: "10.0.0.7", BindPort: 21000, LocalServiceAddress: "127.0.0.2:9090", Transparent: true, ApplicationPort: 9090},
+		},
+		{
 			name:  "timeouts null",
 			edits: []func(map[string]any){proxyConfig(`{"handshake_timeout_ms": null, "bind_address": null}`)},
 			want:  Public{BindAddress: "10.0.0.7", BindPort: 21000, LocalServiceAddress: "127.0.0.1:8080"},

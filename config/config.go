@@ -74,6 +74,16 @@ type Public struct {
 	// It is Proxy.Config's max_inbound_connections, which service-defaults
 	// MaxInboundConnections sets.
 	MaxInboundConnections int
+	// Transparent is set when the registration's Proxy.Mode is
+	// "transparent": iptables redirect inbound traffic to this listener,
+	// and a connection's original destination port tells a plaintext
+	// client of the application (ApplicationPort) from a mesh peer.
+	Transparent bool
+	// ApplicationPort is the application's TCP port, set for a transparent
+	// proxy (0 when the application listens on a unix socket).
+	// In transparent mode with permissive mTLS, connections originally
+	// addressed to it are passed to the application in plaintext.
+	ApplicationPort int
 }
 
 // Addr is the listen address, host:port.

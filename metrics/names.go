@@ -29,6 +29,14 @@ var (
 	// InboundRevoked counts open inbound connections and tunnel streams
 	// closed because the intentions changed to deny their source {src, dst}.
 	InboundRevoked = []string{"inbound", "revoked"}
+	// InboundPlaintext counts plaintext connections to the application's
+	// port that a permissive transparent proxy passed through {dst};
+	// InboundPlaintextRefused those a strict one closed.
+	InboundPlaintext        = []string{"inbound", "plaintext"}
+	InboundPlaintextRefused = []string{"inbound", "plaintext_refused"}
+	// InboundPlaintextBytes counts the bytes (both directions) of those
+	// passed through, added when each closes {dst}.
+	InboundPlaintextBytes = []string{"inbound", "plaintext_bytes"}
 	// InboundHandshakeFailed counts inbound TLS handshakes that failed
 	// for another reason {dst, reason}.
 	InboundHandshakeFailed = []string{"inbound", "handshake_failed"}
@@ -105,6 +113,9 @@ var promDescs = map[string]promDesc{
 	"upstream.rx_bytes":          {"upstream_rx_bytes_total", kindCounter, 1, "Bytes received from the local application per upstream (built-in proxy's upstream.rx_bytes)."},
 	"upstream.tx_bytes":          {"upstream_tx_bytes_total", kindCounter, 1, "Bytes sent to the local application per upstream (built-in proxy's upstream.tx_bytes)."},
 	"inbound.denied":             {"inbound_denied_total", kindCounter, 1, "Inbound connections refused by intentions, by source service."},
+	"inbound.plaintext":          {"inbound_plaintext_total", kindCounter, 1, "Plaintext connections to the application's port passed through in permissive mutual TLS mode."},
+	"inbound.plaintext_bytes":    {"inbound_plaintext_bytes_total", kindCounter, 1, "Bytes (both directions) of plaintext connections passed through in permissive mode, added as each closes."},
+	"inbound.plaintext_refused":  {"inbound_plaintext_refused_total", kindCounter, 1, "Plaintext connections to the application's port closed because the service is strict."},
 	"inbound.revoked":            {"inbound_revoked_total", kindCounter, 1, "Open inbound connections closed because the intentions changed to deny their source."},
 	"inbound.handshake_failed":   {"inbound_handshake_failed_total", kindCounter, 1, "Inbound TLS handshakes that failed for a reason other than intentions, by reason."},
 	"inbound.app_dial_failed":    {"inbound_app_dial_failed_total", kindCounter, 1, "Authorized inbound connections whose application could not be dialed, by reason."},

@@ -43,6 +43,7 @@ func ParseAccessLog(s string) (AccessLog, error) {
 // label of the inbound.handshake_failed metric is finer (handshakeLabel).
 const (
 	ReasonDenied             = "denied"               // intentions refused the peer
+	ReasonPlaintextRefused   = "plaintext_refused"    // plaintext to the application's port of a strict transparent proxy
 	ReasonRevoked            = "revoked"              // intentions changed to deny the peer of an open connection, which strait closed
 	ReasonAuthzError         = "authz_error"          // no decision could be made (agent unreachable with nothing cached)
 	ReasonHandshakeTimeout   = "handshake_timeout"    // the peer did not finish its handshake within handshake_timeout_ms
@@ -79,7 +80,7 @@ type accessRecord struct {
 // proxied (lines for those are rate-limited per tunnel or source).
 func isRefusal(reason string) bool {
 	switch reason {
-	case ReasonDenied, ReasonAuthzError, ReasonHandshakeTimeout, ReasonHandshakeFailed,
+	case ReasonDenied, ReasonAuthzError, ReasonPlaintextRefused, ReasonHandshakeTimeout, ReasonHandshakeFailed,
 		ReasonAppRefused, ReasonAppUnreachable:
 		return true
 	}
@@ -106,7 +107,7 @@ func (p *Proxy) logAccess(r *accessRecord) {
 		return
 	case AccessLogDeniedOnly, "":
 		// An authorization that could not be made refuses the peer too.
-		if r.reason != ReasonDenied && r.reason != ReasonAuthzError && r.reason != ReasonRevoked {
+		if r.reason != ReasonDenied && r.reason != ReasonAuthzError && r.reason != ReasonRevoked && r.reason != ReasonPlaintextRefused {
 			return
 		}
 	}

@@ -143,7 +143,16 @@ func startHarness(t testing.TB, mode AccessLog, pub config.Public, opt ...func(*
 	for _, f := range opt {
 		f(&o)
 	}
-	o.Parts = testParts(h.agent, o.Logger, o.Tunnels)
+	// An option may set Parts to supply the parts testParts leaves out
+	// (MTLSMode); the rest is testParts'.
+	custom, base := o.Parts, testParts(h.agent, o.Logger, o.Tunnels)
+	o.Parts = func(c *config.Config) Parts {
+		p := base(c)
+		if custom != nil {
+			p.MTLSMode = custom(c).MTLSMode
+		}
+		return p
+	}
 	h.p = New(o)
 	cfgs := make(chan *config.Config, 1)
 	cfgs <- cfg

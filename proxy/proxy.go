@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"reflect"
 	"strings"
@@ -29,6 +30,9 @@ import (
 // Options configure a Proxy. Parts is required; the rest have useful zero
 // values.
 type Options struct {
+	// OriginalDst returns a redirected connection's original destination
+	// (a test hook); nil means SO_ORIGINAL_DST (tproxy.OriginalDst).
+	OriginalDst func(net.Conn) (netip.AddrPort, error)
 	// Parts builds the certificate source, the authorizer and the upstream
 	// factory for the service of the first Config (its name, namespace
 	// and partition) when Run receives it. Required; cmd/strait builds
@@ -96,6 +100,10 @@ type Parts struct {
 	Source *tlsutil.Source
 	// Authorizer decides inbound connections by intentions; required.
 	Authorizer *authz.Authorizer
+	// MTLSMode follows the service's mutual TLS mode for permissive mTLS
+	// on a transparent proxy; the proxy runs it once a configuration's
+	// public listener is transparent. nil means always strict.
+	MTLSMode MTLSMode
 	// Upstream returns the upstream of one configured upstream. It is
 	// called once Source is ready; the proxy runs the upstream for as long
 	// as its listener lives. Required.
@@ -121,6 +129,8 @@ type Proxy struct {
 
 	src         *tlsutil.Source
 	az          *authz.Authorizer
+	mtls        MTLSMode
+	mtlsRunning bool // under mu
 	newUpstream func(config.Upstream) (*upstream.Upstream, error)
 	service     string
 
@@ -313,7 +323,7 @@ func (p *Proxy) start(c *config.Config) {
 	parts := p.opts.Parts(c)
 	src, az := parts.Source, parts.Authorizer
 	p.mu.Lock()
-	p.src, p.az, p.newUpstream = src, az, parts.Upstream
+	p.src, p.az, p.newUpstream, p.mtls = src, az, parts.Upstream, parts.MTLSMode
 	stopped := p.shutdown // Shutdown has begun: start nothing it would not join
 	p.mu.Unlock()
 	if stopped {
@@ -384,6 +394,10 @@ func (p *Proxy) apply(c *config.Config) error {
 	var errs []error
 	if c.Public != nil {
 		p.setMaxInbound(c.Public)
+		if c.Public.Transparent && p.mtls != nil && !p.mtlsRunning {
+			p.mtlsRunning = true
+			p.bg.Go(func() { p.mtls.Run(p.ctx) })
+		}
 	}
 
 	switch {
@@ -586,6 +600,10 @@ func (p *Proxy) authorize(ctx context.Context, peer tlsutil.Identity, serial str
 
 func (p *Proxy) handleInbound(ctx context.Context, conn net.Conn, pl *listener, tlsCfg *tls.Config, release func()) {
 	cfg := pl.cfg.Load()
+	if p.appPortConn(conn, cfg) {
+		p.servePlaintext(ctx, conn, pl, release)
+		return
+	}
 	rec := &accessRecord{dir: "inbound", dest: p.service, endpoint: cfg.LocalServiceAddress,
 		remote: addrString(conn.RemoteAddr()), start: time.Now(), limitKey: remoteIP(conn)}
 	// The accept loop took a handshake slot (admission) for conn.
@@ -809,6 +827,9 @@ func (p *Proxy) proxy(raw, a, b net.Conn, l *listener, rec *accessRecord, releas
 			defer releaseEndpoint()
 		}
 		rx, tx := lc.take(res.AToB, res.BToA)
+		if adm != nil && adm.plaintext {
+			p.metrics.IncrCounter(metrics.InboundPlaintextBytes, float32(res.AToB+res.BToA), []metrics.Label{{Name: "dst", Value: p.service}})
+		}
 		l.account(p.metrics, rx, tx)
 		l.closed(p.metrics, rec.start)
 		rec.rx, rec.tx = res.AToB, res.BToA

@@ -20,9 +20,12 @@ const revokeCheckTimeout = 2 * time.Second
 // intentions allowed. It stays registered while it is proxied, so that a
 // change of the intentions can close it.
 type admitted struct {
-	src    tlsutil.Identity
-	serial string
-	kill   func() // abortive close of both sides
+	// plaintext marks a permissive-mode connection (no identity): it is
+	// closed when the service turns strict.
+	plaintext bool
+	src       tlsutil.Identity
+	serial    string
+	kill      func() // abortive close of both sides
 	// revoked is set before kill, so the close is logged as revoked.
 	revoked atomic.Pointer[string]
 }
@@ -55,6 +58,9 @@ func (s *admittedSet) bySource() map[sourceKey][]*admitted {
 	defer s.mu.Unlock()
 	out := make(map[sourceKey][]*admitted)
 	for a := range s.m {
+		if a.plaintext {
+			continue
+		}
 		k := sourceKey{a.src, a.serial}
 		out[k] = append(out[k], a)
 	}
@@ -76,13 +82,51 @@ func (p *Proxy) revokeLoop() {
 	defer t.Stop()
 	for {
 		changed := p.az.Changed()
+		var modeChanged <-chan struct{} // nil: never
+		if p.mtls != nil {
+			modeChanged = p.mtls.Changed()
+		}
 		select {
 		case <-p.ctx.Done():
 			return
 		case <-changed:
+		case <-modeChanged:
 		case <-t.C:
 		}
 		p.revalidate()
+		p.closePlaintextIfStrict()
+	}
+}
+
+// plaintext returns the open plaintext connections.
+func (s *admittedSet) plaintext() []*admitted {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []*admitted
+	for a := range s.m {
+		if a.plaintext {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// closePlaintextIfStrict closes the open plaintext connections once the
+// service is no longer permissive.
+func (p *Proxy) closePlaintextIfStrict() {
+	if p.mtls != nil && p.mtls.Permissive() {
+		return
+	}
+	conns := p.admitted.plaintext()
+	if len(conns) == 0 {
+		return
+	}
+	reason := "the service's mutual TLS mode is strict now"
+	p.log.Info("closing open plaintext connections", "connections", len(conns), "reason", reason)
+	p.metrics.IncrCounter(metrics.InboundRevoked, float32(len(conns)), []metrics.Label{{Name: "src", Value: SourcePlaintext}, {Name: "dst", Value: p.service}})
+	for _, a := range conns {
+		a.revoked.Store(&reason)
+		a.kill()
 	}
 }
 

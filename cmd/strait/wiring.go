@@ -9,6 +9,7 @@ import (
 	"github.com/straitproxy/strait/config"
 	"github.com/straitproxy/strait/proxy"
 	"github.com/straitproxy/strait/tlsutil"
+	"github.com/straitproxy/strait/tproxy"
 	"github.com/straitproxy/strait/tunnel"
 	"github.com/straitproxy/strait/upstream"
 )
@@ -54,5 +55,7 @@ func (w parts) build(c *config.Config) proxy.Parts {
 			Logger: w.log.Named("upstream").With("upstream", u.DestinationName),
 		})
 	}
-	return proxy.Parts{Source: src, Authorizer: az, Upstream: newUpstream}
+	// Run only if the registration turns out to be a transparent proxy.
+	mode := tproxy.NewMTLSMode(w.agent.Client, c.Service, c.Namespace, c.Partition, w.log)
+	return proxy.Parts{Source: src, Authorizer: az, Upstream: newUpstream, MTLSMode: mode}
 }
