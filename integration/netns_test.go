@@ -3,6 +3,7 @@ package integration
 import (
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -10,6 +11,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -141,4 +143,69 @@ func (n *netns) natRules(t *testing.T) string {
 		lines = append(lines, l)
 	}
 	return strings.Join(lines, "\n")
+}
+
+// forwardInto listens on addr inside n and forwards every connection to
+// target in the root namespace: how processes in n reach the agent, which
+// the harness binds to the root namespace's loopback. Stopped at cleanup.
+func (n *netns) forwardInto(t *testing.T, addr, target string) {
+	t.Helper()
+	type res struct {
+		ln  net.Listener
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() {
+		runtime.LockOSThread() // not unlocked: the thread exits with the goroutine
+		f, err := os.Open(n.path())
+		if err != nil {
+			ch <- res{nil, err}
+			return
+		}
+		defer f.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			ch <- res{nil, err}
+			return
+		}
+		ln, err := net.Listen("tcp", addr)
+		ch <- res{ln, err}
+	}()
+	r := <-ch
+	if r.err != nil {
+		t.Fatalf("listen on %s in %s: %v", addr, n.name, r.err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	open := map[net.Conn]struct{}{}
+	track := func(c net.Conn) {
+		mu.Lock()
+		open[c] = struct{}{}
+		mu.Unlock()
+	}
+	wg.Go(func() {
+		for {
+			c, err := r.ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			track(c)
+			track(up)
+			wg.Go(func() { io.Copy(up, c); up.Close() })
+			wg.Go(func() { io.Copy(c, up); c.Close() })
+		}
+	})
+	t.Cleanup(func() {
+		r.ln.Close()
+		mu.Lock()
+		for c := range open {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
 }
