@@ -413,3 +413,63 @@ func TestGatewayAcrossDatacenters(t *testing.T) {
 		t.Errorf("unknown_datacenter %v, want 1", v)
 	}
 }
+
+// TestGatewayHostileClients: on the real binary, idle connections fill
+// -max-pending and the next one is closed at once; garbage and a slow
+// hello are closed and counted; once the idle ones time out, a real
+// client is routed again.
+func TestGatewayHostileClients(t *testing.T) {
+	t.Parallel()
+	a := startAgent(t)
+	const key = 0x6b
+	svc := uniq("echo")
+	startNativeServer(t, a, svc, key)
+	gwAddr := hostPort(freePort(t))
+	gw := startGateway(t, a, "-address", gwAddr, "-max-pending", "8", "-hello-timeout", "2s")
+	leaf := a.leaf(t, "client")
+	roots := a.roots(t)
+	name := sni(svc, a.dc, a.trustDomain)
+	eventually(t, 30*time.Second, func() error { return meshVia(gwAddr, name, leaf, roots, a.spiffeID(svc), key) })
+
+	var idle []net.Conn
+	for range 8 {
+		c, err := net.Dial("tcp", gwAddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		idle = append(idle, c)
+	}
+	eventually(t, 10*time.Second, func() error {
+		if v := metricValue(t, gw, "gateway_pending_hellos"); v != 8 {
+			return fmt.Errorf("pending hellos %v, want 8", v)
+		}
+		return nil
+	})
+	if err := refusedVia("tcp", gwAddr); err != nil {
+		t.Fatalf("the connection beyond -max-pending: %v", err)
+	}
+	if v := metricValue(t, gw, `gateway_connections_total{result="max_pending"}`); v < 1 {
+		t.Errorf("max_pending %v, want at least 1", v)
+	}
+	// The idle ones time out; slots come back.
+	eventually(t, 10*time.Second, func() error {
+		if v := metricValue(t, gw, `gateway_connections_total{result="hello_timeout"}`); v != 8 {
+			return fmt.Errorf("hello timeouts %v, want 8", v)
+		}
+		return nil
+	})
+	if err := refusedVia("tcp", gwAddr); err != nil { // sends plain text: not TLS
+		t.Errorf("garbage: %v", err)
+	}
+	eventually(t, 10*time.Second, func() error {
+		if v := metricValue(t, gw, `gateway_connections_total{result="bad_hello"}`); v != 1 {
+			return fmt.Errorf("bad hellos %v, want 1", v)
+		}
+		return nil
+	})
+	if err := meshVia(gwAddr, name, leaf, roots, a.spiffeID(svc), key); err != nil {
+		t.Fatalf("a real client after the flood: %v", err)
+	}
+	_ = idle
+}
