@@ -13,6 +13,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -472,4 +473,61 @@ func TestGatewayHostileClients(t *testing.T) {
 		t.Fatalf("a real client after the flood: %v", err)
 	}
 	_ = idle
+}
+
+// TestGatewayDrainsOnSigterm: SIGTERM deregisters the gateway and stops
+// accepting; a live connection keeps working until it ends, and then the
+// gateway exits 0.
+func TestGatewayDrainsOnSigterm(t *testing.T) {
+	t.Parallel()
+	a := startAgent(t)
+	const key = 0x19
+	svc := uniq("echo")
+	startNativeServer(t, a, svc, key)
+	gwName := uniq("mgw")
+	gwAddr := hostPort(freePort(t))
+	gw := startGateway(t, a, "-register", "-service", gwName, "-address", gwAddr, "-shutdown-grace", "30s")
+	leaf := a.leaf(t, "client")
+	cfg := meshClientConfig(&leaf, a.roots(t), a.spiffeID(svc))
+	cfg.ServerName = sni(svc, a.dc, a.trustDomain)
+	var live *tls.Conn
+	eventually(t, 30*time.Second, func() error {
+		c, err := dialMesh(gwAddr, cfg)
+		if err != nil {
+			return err
+		}
+		if err := roundTrip(c, []byte("before"), key, 10*time.Second); err != nil {
+			c.Close()
+			return err
+		}
+		live = c
+		return nil
+	})
+	defer live.Close()
+
+	if err := gw.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, func() error { return dialFails(gwAddr) })
+	eventually(t, 10*time.Second, func() error {
+		if _, _, err := a.client.Agent().Service(gwName, nil); err == nil {
+			return errors.New("gateway still registered while draining")
+		}
+		return nil
+	})
+	if err := roundTrip(live, randomBytes(t, 256<<10), key, 10*time.Second); err != nil {
+		t.Fatalf("live connection while draining: %v", err)
+	}
+	if gw.exited() {
+		t.Fatal("gateway exited with a live connection")
+	}
+	live.Close()
+	select {
+	case <-gw.done:
+		if gw.waitErr != nil {
+			t.Fatalf("gateway exit: %v", gw.waitErr)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("gateway still running 20s after its last connection ended")
+	}
 }
