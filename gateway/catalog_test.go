@@ -255,7 +255,9 @@ func TestCatalogRemoteGateways(t *testing.T) {
 			Checks: api.HealthChecks{{Status: status}},
 		}
 	}
-	f.update(func() { f.gateways = []*api.ServiceEntry{gw("198.51.100.1", api.HealthPassing), gw("198.51.100.2", api.HealthCritical)} })
+	f.update(func() {
+		f.gateways = []*api.ServiceEntry{gw("198.51.100.1", api.HealthPassing), gw("198.51.100.2", api.HealthCritical)}
+	})
 	c := startCatalog(t, client, CatalogOptions{})
 	var tgt *Target
 	testutil.EventuallyNil(t, func() error {
