@@ -444,7 +444,13 @@ func (s *Server) endReason(err error) (reason, detail string) {
 // logRefusal writes the access log line of a connection that was not
 // proxied (modes on and denied-only), rate-limited.
 func (s *Server) logRefusal(rec *record) {
-	if s.opts.AccessLog == proxy.AccessLogOff {
+	switch {
+	case s.opts.AccessLog == proxy.AccessLogOff:
+		return
+	case s.opts.AccessLog != proxy.AccessLogOn && rec.result == ResultPeerClosed:
+		// A client that left before its hello is not a refusal: health
+		// checks (the registration's TCP check every 10s) do exactly
+		// that. Counted, logged only with -access-log on.
 		return
 	}
 	if !s.lines.Allow() {

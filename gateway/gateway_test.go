@@ -570,3 +570,24 @@ func TestShutdownDrainsAndJoins(t *testing.T) {
 	}
 	testutil.NoNewGoroutines(t, before)
 }
+
+// TestHealthCheckConnectionsQuiet: a connect-and-close (the registration's
+// TCP check) is counted as peer_closed but logged only with -access-log
+// on; refusals are logged in the default mode.
+func TestHealthCheckConnectionsQuiet(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, &fakeRouter{}, Options{AccessLog: proxy.AccessLogDeniedOnly})
+	c, err := net.Dial("tcp", s.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	testutil.Eventually(t, "peer_closed counted", func() bool { return s.Stats().Results[ResultPeerClosed] == 1 })
+	if err := refusedAfter(s.addr, []byte("GET / HTTP/1.0\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, "the bad hello logged", func() bool { return strings.Contains(s.log.String(), "result=bad_hello") })
+	if strings.Contains(s.log.String(), "peer_closed") {
+		t.Errorf("a connect-and-close was logged in denied-only mode:\n%s", s.log.String())
+	}
+}
