@@ -505,7 +505,18 @@ func TestMaxConnections(t *testing.T) {
 func TestShutdownDrainsAndJoins(t *testing.T) {
 	hello := helloFor(t, sniWeb)
 	be := startBackend(t, len(hello))
-	before := testutil.Goroutines() // the backend's accept loop included
+	// The backend's accept loop belongs to the test: wait until it runs,
+	// so that it is in the snapshot.
+	var before map[string]string
+	testutil.Eventually(t, "the backend's accept loop running", func() bool {
+		before = testutil.Goroutines()
+		for _, st := range before {
+			if strings.Contains(st, "startBackend") {
+				return true
+			}
+		}
+		return false
+	})
 	r := &fakeRouter{targets: map[string]*Target{sniWeb: localTarget("web", be.addr())}}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
