@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -349,7 +350,7 @@ func (s *Server) handle(c net.Conn) {
 	if _, err := bc.Write(hello); err != nil {
 		bc.Close()
 		release()
-		s.refuse(c, rec, ResultDialFailed, err)
+		s.refuse(c, rec, ResultDialFailed, fmt.Errorf("replaying the ClientHello to backend %s: %w", ep.Addr, err))
 		return
 	}
 	bc.SetWriteDeadline(time.Time{})

@@ -190,7 +190,7 @@ func (t *Target) dial(ctx context.Context, dial dialer) (net.Conn, Endpoint, int
 			}, nil
 		}
 		e.active.Add(-1)
-		errs = append(errs, fmt.Errorf("%s: %w", e.Addr, err))
+		errs = append(errs, fmt.Errorf("dialing backend %s: %w", e.Addr, err))
 	}
 	if err := ctx.Err(); err != nil && attempts < len(eps) {
 		errs = append(errs, fmt.Errorf("connect timeout after %d of %d endpoints: %w", attempts, len(eps), err))
