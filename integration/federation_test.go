@@ -5,6 +5,7 @@ package integration
 // intermediate of dc1's root).
 
 import (
+	"bytes"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -297,24 +298,35 @@ func TestGatewayToBuiltinSidecar(t *testing.T) {
 }
 
 // TestGatewaySubsets: a subset's server name reaches only the instances
-// its resolver filter selects; the plain name reaches the DefaultSubset's;
-// an undefined subset is refused.
+// its resolver filter selects, healthy ones only (a critical instance
+// never, a warning one unless the subset is OnlyPassing); the plain name
+// reaches the DefaultSubset's; an undefined subset is refused. Each
+// instance echoes with its own key, so every connection shows where it
+// went.
 func TestGatewaySubsets(t *testing.T) {
 	t.Parallel()
 	a := startAgent(t)
 	svc := uniq("api")
 	native := nativeService(t, a, svc)
-	instances := map[string]byte{"v1": 0x11, "v2": 0x22}
-	for version, key := range instances {
+	for _, in := range []struct {
+		id, version, status string
+		key                 byte
+	}{
+		{"v1", "v1", api.HealthPassing, 0x11},
+		{"v1-warning", "v1", api.HealthWarning, 0x44},
+		{"v2", "v2", api.HealthPassing, 0x22},
+		{"v2-critical", "v2", api.HealthCritical, 0x33},
+	} {
 		ln, err := tls.Listen("tcp", "127.0.0.1:0", native.ServerTLSConfig())
 		if err != nil {
 			t.Fatal(err)
 		}
-		srv := serveApp(t, ln, modeEcho, key)
+		srv := serveApp(t, ln, modeEcho, in.key)
 		err = a.client.Agent().ServiceRegister(&api.AgentServiceRegistration{
-			ID: svc + "-" + version, Name: svc, Address: "127.0.0.1", Port: srv.Port(),
-			Meta:    map[string]string{"version": version},
+			ID: svc + "-" + in.id, Name: svc, Address: "127.0.0.1", Port: srv.Port(),
+			Meta:    map[string]string{"version": in.version},
 			Connect: &api.AgentServiceConnect{Native: true},
+			Check:   &api.AgentServiceCheck{TTL: "10m", Status: in.status},
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -323,8 +335,9 @@ func TestGatewaySubsets(t *testing.T) {
 	_, _, err := a.client.ConfigEntries().Set(&api.ServiceResolverConfigEntry{
 		Kind: api.ServiceResolver, Name: svc, DefaultSubset: "v1",
 		Subsets: map[string]api.ServiceResolverSubset{
-			"v1": {Filter: `Service.Meta.version == "v1"`},
-			"v2": {Filter: `Service.Meta.version == "v2"`},
+			"v1":       {Filter: `Service.Meta.version == "v1"`},
+			"v1strict": {Filter: `Service.Meta.version == "v1"`, OnlyPassing: true},
+			"v2":       {Filter: `Service.Meta.version == "v2"`},
 		},
 	}, nil)
 	if err != nil {
@@ -333,22 +346,34 @@ func TestGatewaySubsets(t *testing.T) {
 	gwAddr := hostPort(freePort(t))
 	gw := startGateway(t, a, "-address", gwAddr)
 	leaf := a.leaf(t, "client")
-	roots := a.roots(t)
-	want := a.spiffeID(svc)
+	cfg := meshClientConfig(&leaf, a.roots(t), a.spiffeID(svc))
 	for _, tc := range []struct {
 		name string
-		key  byte
+		keys []byte // every one seen, no other
 	}{
-		{"v2." + sni(svc, a.dc, a.trustDomain), instances["v2"]},
-		{"v1." + sni(svc, a.dc, a.trustDomain), instances["v1"]},
-		{sni(svc, a.dc, a.trustDomain), instances["v1"]}, // DefaultSubset
+		{"v2." + sni(svc, a.dc, a.trustDomain), []byte{0x22}},
+		{"v1strict." + sni(svc, a.dc, a.trustDomain), []byte{0x11}},
+		{"v1." + sni(svc, a.dc, a.trustDomain), []byte{0x11, 0x44}},
+		{sni(svc, a.dc, a.trustDomain), []byte{0x11, 0x44}}, // DefaultSubset
 	} {
-		eventually(t, 30*time.Second, func() error { return meshVia(gwAddr, tc.name, leaf, roots, want, tc.key) })
-		// Every connection, not just the first: the other instance
-		// would answer with the other key.
-		for i := range 6 {
-			if err := meshVia(gwAddr, tc.name, leaf, roots, want, tc.key); err != nil {
+		cfg.ServerName = tc.name
+		eventually(t, 30*time.Second, func() error { _, err := echoKey(gwAddr, cfg); return err })
+		seen := map[byte]int{}
+		for i := range 16 {
+			k, err := echoKey(gwAddr, cfg)
+			if err != nil {
 				t.Fatalf("%s, connection %d: %v", tc.name, i, err)
+			}
+			seen[k]++
+		}
+		for k := range seen {
+			if !bytes.Contains(tc.keys, []byte{k}) {
+				t.Errorf("%s reached the instance with key %#x (seen %v), want only %#v", tc.name, k, seen, tc.keys)
+			}
+		}
+		for _, k := range tc.keys {
+			if seen[k] == 0 {
+				t.Errorf("%s never reached the instance with key %#x in 16 connections (seen %v)", tc.name, k, seen)
 			}
 		}
 	}
@@ -358,6 +383,25 @@ func TestGatewaySubsets(t *testing.T) {
 	if v := metricValue(t, gw, `gateway_unknown_sni_total{reason="unknown_subset"}`); v != 1 {
 		t.Errorf("unknown_subset %v, want 1", v)
 	}
+}
+
+// echoKey connects through the gateway with cfg, sends one byte and
+// returns the key the echo instance XORed it with.
+func echoKey(addr string, cfg *tls.Config) (byte, error) {
+	c, err := dialMesh(addr, cfg)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write([]byte{0x80}); err != nil {
+		return 0, err
+	}
+	b := make([]byte, 1)
+	if _, err := io.ReadFull(c, b); err != nil {
+		return 0, err
+	}
+	return b[0] ^ 0x80, nil
 }
 
 // TestGatewayAcrossDatacenters: a client in dc1 reaches a service in dc2
