@@ -200,6 +200,17 @@ func TestRoutesAndReplaysHello(t *testing.T) {
 	if n := s.Stats().Results[ResultRouted]; n != 1 {
 		t.Errorf("routed %d, want 1", n)
 	}
+	// The gateway's series, counters, gauges and the duration summary,
+	// pass Prometheus's linter.
+	s.flush()
+	var out bytes.Buffer
+	s.m.WritePrometheus(&out)
+	for _, want := range []string{`gateway_rx_bytes_total{kind="local",target="web"}`, "gateway_conn_duration_seconds", "gateway_active_connections"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	testutil.PromtoolCheck(t, out.String())
 }
 
 // TestTLSEndToEnd: a real TLS client and server handshake through the
