@@ -91,10 +91,11 @@ func (f *fakeAgent) serve(w http.ResponseWriter, r *http.Request) {
 	case strings.HasPrefix(p, "/v1/health/connect/"):
 		svc := strings.TrimPrefix(p, "/v1/health/connect/")
 		f.healthReqs = append(f.healthReqs, svc+"|"+q.Get("filter"))
-		v = f.health[svc]
-		if v == nil {
-			v = []any{}
+		eps := f.health[svc]
+		if eps == nil {
+			eps = []*api.ServiceEntry{}
 		}
+		v = eps
 	default:
 		http.NotFound(w, r)
 		return
