@@ -6,6 +6,7 @@ require (
 	github.com/armon/go-metrics v0.4.1
 	github.com/coreos/go-systemd/v22 v22.7.0
 	github.com/hashicorp/consul/api v1.33.0
+	github.com/hashicorp/consul/sdk v0.17.0
 	github.com/hashicorp/go-hclog v1.6.3
 	github.com/libp2p/go-buffer-pool v0.0.2
 	github.com/spiffe/go-spiffe/v2 v2.9.0

@@ -87,6 +87,9 @@ type Authorizer struct {
 	flights   singleflight.Group
 	ready     chan struct{}
 	readyOnce sync.Once
+
+	changedMu sync.Mutex
+	changed   chan struct{} // closed and replaced by notify
 }
 
 // state is one intention set. Its rules are immutable; its cache of agent
@@ -121,11 +124,12 @@ func New(client *api.Client, opts Options) *Authorizer {
 		opts.AuthorizeTimeout = defaultAuthorizeTimeout
 	}
 	a := &Authorizer{
-		client: client,
-		opts:   opts,
-		log:    opts.Logger.Named("authz"),
-		now:    time.Now,
-		ready:  make(chan struct{}),
+		client:  client,
+		opts:    opts,
+		log:     opts.Logger.Named("authz"),
+		now:     time.Now,
+		ready:   make(chan struct{}),
+		changed: make(chan struct{}),
 	}
 	a.call = a.connectAuthorize
 	if opts.AgentConfig != nil {
@@ -142,6 +146,29 @@ func New(client *api.Client, opts Options) *Authorizer {
 
 // Ready is closed once the first intention set has been loaded.
 func (a *Authorizer) Ready() <-chan struct{} { return a.ready }
+
+// Changed returns a channel that is closed at the next change that can
+// turn an allowed source into a denied one: a new intention set, or an
+// answer from the agent for a source that differs from the one cached
+// before. Callers re-check what they admitted (open connections) and call
+// Changed again for the next change.
+func (a *Authorizer) Changed() <-chan struct{} {
+	a.changedMu.Lock()
+	defer a.changedMu.Unlock()
+	return a.changed
+}
+
+func (a *Authorizer) notify() {
+	a.changedMu.Lock()
+	close(a.changed)
+	a.changed = make(chan struct{})
+	a.changedMu.Unlock()
+}
+
+// DefaultTTL is how long an agent answer is reused (Options.DefaultTTL
+// with its default applied): re-checking open connections this often
+// also catches a change of the agent's default policy.
+func (a *Authorizer) DefaultTTL() time.Duration { return a.opts.DefaultTTL }
 
 // Run watches the intentions whose destination is Target with a blocking
 // query until ctx is done. When the agent is unreachable or fails, the last
@@ -187,6 +214,7 @@ func (a *Authorizer) install(index uint64, ixns []*api.Intention, force bool) {
 	a.state.Store(st)
 	a.log.Info("intentions loaded", "target", a.opts.Target, "index", index, "intentions", len(st.rules))
 	a.readyOnce.Do(func() { close(a.ready) })
+	a.notify()
 }
 
 // Authorize decides whether src may connect to Target. When an intention
@@ -252,7 +280,11 @@ func (a *Authorizer) ask(ctx context.Context, st *state, src tlsutil.Identity, s
 			return Decision{}, fmt.Errorf("authz: agent authorize %s => %s: %w", uri, a.opts.Target, err)
 		}
 		d := agentDecision(res, v, st.loaded)
+		prev, had := st.lookupStale(src)
 		st.store(src, d, a.now(), a.opts.DefaultTTL)
+		if had && prev.Allow != d.Allow {
+			a.notify()
+		}
 		a.log.Debug("agent authorize", "source", uri, "target", a.opts.Target, "allow", d.Allow, "reason", res.Reason)
 		return d, nil
 	})

@@ -615,3 +615,35 @@ func TestExpiredDefaultSurvivesAgentOutage(t *testing.T) {
 		t.Fatal("a source never seen got a decision while the agent fails")
 	}
 }
+
+// TestChangedSignalsWhatCanRevoke: Changed fires on a new intention set
+// and when the agent's answer for a source flips after its TTL, and not
+// when a re-asked answer is the same.
+func TestChangedSignalsWhatCanRevoke(t *testing.T) {
+	t.Parallel()
+	f := newFakeAgent(t, 5)
+	a := newAuthorizer(t, f, false, Options{DefaultTTL: time.Minute})
+	var clock atomic.Int64
+	clock.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
+	a.now = func() time.Time { return time.Unix(0, clock.Load()) }
+	run(t, a)
+	waitReady(t, a)
+
+	ch := a.Changed()
+	f.set(6, ixn("default", "web", "default", "db", api.IntentionActionDeny))
+	receive(t, "Changed after a new intention set", ch)
+
+	ch = a.Changed()
+	wantDecision(t, authorize(t, a, apiID), true, true, "default: Default behavior configured by ACLs")
+	clock.Add(int64(2 * time.Minute))
+	wantDecision(t, authorize(t, a, apiID), true, true, "default: Default behavior configured by ACLs")
+	select {
+	case <-ch:
+		t.Fatal("Changed fired for an unchanged answer")
+	default:
+	}
+	f.setAuthorize(200, api.AgentAuthorize{Authorized: false, Reason: "Default behavior configured by ACLs"}, nil)
+	clock.Add(int64(2 * time.Minute))
+	wantDecision(t, authorize(t, a, apiID), false, true, "default: Default behavior configured by ACLs")
+	receive(t, "Changed after the default answer flipped", ch)
+}

@@ -306,8 +306,12 @@ func percentile(ds []time.Duration, p float64) time.Duration {
 // echoAppEnv, when set in the environment of the test binary, makes it an
 // echo server instead of running tests: it listens on 127.0.0.1:0, prints
 // "echo-app listening <addr>", writes back every byte XOR the key given as
-// the variable's value (decimal), and exits on SIGTERM.
-const echoAppEnv = "STRAIT_IT_ECHO_APP_KEY"
+// the variable's value (decimal), and exits on SIGTERM. echoAppAddrEnv,
+// when set, is the address to listen on instead.
+const (
+	echoAppEnv     = "STRAIT_IT_ECHO_APP_KEY"
+	echoAppAddrEnv = "STRAIT_IT_ECHO_APP_ADDR"
+)
 
 func echoAppMain() int {
 	key, err := strconv.Atoi(os.Getenv(echoAppEnv))
@@ -315,7 +319,11 @@ func echoAppMain() int {
 		fmt.Fprintln(os.Stderr, "echo app: bad key", os.Getenv(echoAppEnv))
 		return 2
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	addr := os.Getenv(echoAppAddrEnv)
+	if addr == "" {
+		addr = "127.0.0.1:0"
+	}
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "echo app:", err)
 		return 1

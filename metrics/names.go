@@ -26,6 +26,9 @@ var (
 
 	// InboundDenied counts connections refused by intentions {src, dst}.
 	InboundDenied = []string{"inbound", "denied"}
+	// InboundRevoked counts open inbound connections and tunnel streams
+	// closed because the intentions changed to deny their source {src, dst}.
+	InboundRevoked = []string{"inbound", "revoked"}
 	// InboundHandshakeFailed counts inbound TLS handshakes that failed
 	// for another reason {dst, reason}.
 	InboundHandshakeFailed = []string{"inbound", "handshake_failed"}
@@ -102,6 +105,7 @@ var promDescs = map[string]promDesc{
 	"upstream.rx_bytes":          {"upstream_rx_bytes_total", kindCounter, 1, "Bytes received from the local application per upstream (built-in proxy's upstream.rx_bytes)."},
 	"upstream.tx_bytes":          {"upstream_tx_bytes_total", kindCounter, 1, "Bytes sent to the local application per upstream (built-in proxy's upstream.tx_bytes)."},
 	"inbound.denied":             {"inbound_denied_total", kindCounter, 1, "Inbound connections refused by intentions, by source service."},
+	"inbound.revoked":            {"inbound_revoked_total", kindCounter, 1, "Open inbound connections closed because the intentions changed to deny their source."},
 	"inbound.handshake_failed":   {"inbound_handshake_failed_total", kindCounter, 1, "Inbound TLS handshakes that failed for a reason other than intentions, by reason."},
 	"inbound.app_dial_failed":    {"inbound_app_dial_failed_total", kindCounter, 1, "Authorized inbound connections whose application could not be dialed, by reason."},
 	"inbound.tunnel_refused":     {"inbound_tunnel_refused_total", kindCounter, 1, "Inbound tunnels and tunnel streams refused, by reason."},

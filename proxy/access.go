@@ -43,6 +43,7 @@ func ParseAccessLog(s string) (AccessLog, error) {
 // label of the inbound.handshake_failed metric is finer (handshakeLabel).
 const (
 	ReasonDenied             = "denied"               // intentions refused the peer
+	ReasonRevoked            = "revoked"              // intentions changed to deny the peer of an open connection, which strait closed
 	ReasonAuthzError         = "authz_error"          // no decision could be made (agent unreachable with nothing cached)
 	ReasonHandshakeTimeout   = "handshake_timeout"    // the peer did not finish its handshake within handshake_timeout_ms
 	ReasonHandshakeFailed    = "handshake_failed"     // any other TLS failure; detail says which
@@ -105,7 +106,7 @@ func (p *Proxy) logAccess(r *accessRecord) {
 		return
 	case AccessLogDeniedOnly, "":
 		// An authorization that could not be made refuses the peer too.
-		if r.reason != ReasonDenied && r.reason != ReasonAuthzError {
+		if r.reason != ReasonDenied && r.reason != ReasonAuthzError && r.reason != ReasonRevoked {
 			return
 		}
 	}

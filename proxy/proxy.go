@@ -150,6 +150,10 @@ type Proxy struct {
 	// lines rate-limits refusal log lines per tunnel and per source.
 	lines *lineLimiter
 
+	// admitted are the open inbound connections, re-checked when the
+	// intentions change (revokeLoop).
+	admitted admittedSet
+
 	admit         *admission // the public listener's limits
 	regMaxInbound int        // the registration's max_inbound_connections, under mu
 	refusalCounters
@@ -319,6 +323,7 @@ func (p *Proxy) start(c *config.Config) {
 	p.bg.Go(func() { src.Run(p.ctx) })
 	p.bg.Go(func() { az.Run(p.ctx) })
 	p.bg.Go(p.flushLoop)
+	p.bg.Go(p.revokeLoop)
 }
 
 func (p *Proxy) waitReady(ctx context.Context, c *config.Config) bool {
@@ -641,8 +646,14 @@ func (p *Proxy) serveInbound(ctx context.Context, in inbound, pl *listener, rele
 			in.tc.Close()
 		}
 	}
+	src, serial, err := p.src.PeerOf(in.tc.ConnectionState())
+	if err != nil { // the handshake verified the chain: cannot happen
+		refuse(tunnel.StatusDenied)
+		p.refused(rec, err)
+		return
+	}
 	if in.stream != nil {
-		if err := p.authorizeStream(ctx, in); err != nil {
+		if err := p.authorizeStream(ctx, in, src, serial); err != nil {
 			refuse(tunnel.StatusDenied)
 			p.refused(rec, err)
 			return
@@ -670,16 +681,19 @@ func (p *Proxy) serveInbound(ctx context.Context, in inbound, pl *listener, rele
 		}
 	}
 	handedOff = true
-	p.proxy(in.raw, in.conn, app, pl, rec, release, nil)
+	conn := in.conn
+	adm := &admitted{src: src, serial: serial, kill: func() {
+		abortive(conn)
+		abortive(app)
+		conn.Close()
+		app.Close()
+	}}
+	p.proxy(in.raw, in.conn, app, pl, rec, release, nil, adm)
 }
 
 // authorizeStream checks a tunnel stream: our own service only (a tunnel
 // is no way to reach another), and the intentions for the tunnel's peer.
-func (p *Proxy) authorizeStream(ctx context.Context, in inbound) error {
-	id, serial, err := p.src.PeerOf(in.tc.ConnectionState())
-	if err != nil {
-		return err
-	}
+func (p *Proxy) authorizeStream(ctx context.Context, in inbound, id tlsutil.Identity, serial string) error {
 	if in.service != p.service {
 		return &DeniedError{Source: id, Reason: "tunnel stream for service " + in.service + ", not " + p.service}
 	}
@@ -770,18 +784,26 @@ func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *listener,
 		return
 	}
 	rec.endpoint = ep.Addr
-	p.proxy(conn, conn, tc, ul, rec, release, releaseEndpoint)
+	p.proxy(conn, conn, tc, ul, rec, release, releaseEndpoint, nil)
 	handedOff = true
 }
 
 // proxy hands an accepted connection (raw, as the listener tracks it; a
 // is what to copy from, the TLS side for inbound) and its dialed peer b to
 // the copy loop, and does the accounting and the access log at the end.
-func (p *Proxy) proxy(raw, a, b net.Conn, l *listener, rec *accessRecord, release, releaseEndpoint func()) {
+// adm, for an inbound connection, is registered for re-checks while the
+// connection lives.
+func (p *Proxy) proxy(raw, a, b net.Conn, l *listener, rec *accessRecord, release, releaseEndpoint func(), adm *admitted) {
 	lc := &liveConn{}
 	l.attach(raw, lc)
 	l.opened(p.metrics)
+	if adm != nil {
+		p.admitted.add(adm)
+	}
 	StartCounted(a, b, p.opts.HalfCloseTimeout, &lc.ctr, func(res Result) {
+		if adm != nil {
+			p.admitted.remove(adm)
+		}
 		defer release()
 		if releaseEndpoint != nil {
 			defer releaseEndpoint()
@@ -791,6 +813,11 @@ func (p *Proxy) proxy(raw, a, b net.Conn, l *listener, rec *accessRecord, releas
 		l.closed(p.metrics, rec.start)
 		rec.rx, rec.tx = res.AToB, res.BToA
 		rec.reason, rec.detail = closeReason(res.Err, l)
+		if adm != nil {
+			if why := adm.revoked.Load(); why != nil {
+				rec.reason, rec.detail = ReasonRevoked, *why
+			}
+		}
 		if res.Err != nil && !isClosed(res.Err) {
 			p.log.Debug(rec.dir+" connection ended with error", "source", rec.source, "destination", rec.dest,
 				"endpoint", rec.endpoint, "error", res.Err, "duration", time.Since(rec.start))

@@ -104,15 +104,7 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.StringVar(&o.ktls, "ktls", "auto", "Kernel TLS offload, `auto|off`: auto probes and reports it at start.")
 	fs.IntVar(&o.maxInbound, "max-inbound-connections", 0, "`Limit` of concurrent inbound connections (tunnel streams included) plus handshakes in progress; overrides the registration's max_inbound_connections (service-defaults MaxInboundConnections). 0: take the registration's, else no limit.")
 	fs.IntVar(&o.maxHandshakes, "max-handshakes", proxy.DefaultMaxHandshakes, "`Limit` of inbound TLS handshakes in progress on the public listener; beyond it new connections are closed at once.")
-	fs.StringVar(&o.api.Addr, "http-addr", "", "Consul agent HTTP API `address` (https:// for TLS); 127.0.0.1:8500 when neither flag nor env is set.")
-	fs.StringVar(&o.api.Token, "token", "", "ACL `token`; needs service:write on the proxied service.")
-	fs.StringVar(&o.api.TokenFile, "token-file", "", "`File` holding the ACL token, re-read on SIGHUP; wins over -token.")
-	fs.StringVar(&o.api.CAFile, "ca-file", "", "CA `file` for the agent's HTTPS.")
-	fs.StringVar(&o.api.CAPath, "ca-path", "", "CA `directory` for the agent's HTTPS.")
-	fs.StringVar(&o.api.ClientCert, "client-cert", "", "Client certificate `file` for the agent's HTTPS.")
-	fs.StringVar(&o.api.ClientKey, "client-key", "", "Client key `file` for the agent's HTTPS.")
-	fs.StringVar(&o.api.TLSServerName, "tls-server-name", "", "Server `name` expected in the agent's HTTPS certificate.")
-	fs.StringVar(&o.api.Datacenter, "datacenter", "", "`Datacenter` for agent queries; the agent's when empty.")
+	addAPIFlags(fs, &o.api)
 	fs.StringVar(&o.adminBind, "admin-bind", admin.DefaultAddr, "Admin HTTP listener (/ready, /live, /metrics, /stats, ...): `host:port` or off.")
 	fs.BoolVar(&o.adminPprof, "admin-pprof", false, "Also serve net/http/pprof under /debug/pprof/ on the admin listener.")
 	fs.StringVar(&o.accessLog, "access-log", string(proxy.AccessLogDeniedOnly), "Access log lines (logger \"access\"), one per connection at close: `mode` off, on (every connection) or denied-only.")
@@ -124,6 +116,19 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.BoolVar(&o.disableHostname, "disable-hostname", false, "Keep the hostname out of statsd gauge names (telemetry disable_hostname).")
 	defineGatewayFlags(fs, &o.gw)
 	return fs
+}
+
+// addAPIFlags defines the agent API flags (Consul's own names) on fs.
+func addAPIFlags(fs *flag.FlagSet, a *config.API) {
+	fs.StringVar(&a.Addr, "http-addr", "", "Consul agent HTTP API `address` (https:// for TLS); 127.0.0.1:8500 when neither flag nor env is set.")
+	fs.StringVar(&a.Token, "token", "", "ACL `token`; needs service:write on the proxied service.")
+	fs.StringVar(&a.TokenFile, "token-file", "", "`File` holding the ACL token, re-read on SIGHUP; wins over -token.")
+	fs.StringVar(&a.CAFile, "ca-file", "", "CA `file` for the agent's HTTPS.")
+	fs.StringVar(&a.CAPath, "ca-path", "", "CA `directory` for the agent's HTTPS.")
+	fs.StringVar(&a.ClientCert, "client-cert", "", "Client certificate `file` for the agent's HTTPS.")
+	fs.StringVar(&a.ClientKey, "client-key", "", "Client key `file` for the agent's HTTPS.")
+	fs.StringVar(&a.TLSServerName, "tls-server-name", "", "Server `name` expected in the agent's HTTPS certificate.")
+	fs.StringVar(&a.Datacenter, "datacenter", "", "`Datacenter` for agent queries; the agent's when empty.")
 }
 
 func parseFlags(args []string) (*options, error) {

@@ -10,7 +10,7 @@ import (
 // one of these groups (TestHelpListsEveryFlag); Env names the variable a
 // flag falls back to when not given.
 var help = usage.Help{
-	Usage: []string{"strait [flags]", "strait -gateway mesh [flags]", "strait version"},
+	Usage: []string{"strait [flags]", "strait -gateway mesh [flags]", "strait redirect-traffic [flags] (transparent proxy's iptables rules; strait redirect-traffic -h)", "strait version"},
 	Summary: "Runs a Consul service-mesh sidecar proxy in place of `consul connect proxy`, with the same flags " +
 		"and environment variables. Agent mode (-proxy-id or -sidecar-for) reads and watches the proxy's " +
 		"registration in the local agent; flags mode (-service) takes everything from the command line. " +

@@ -41,6 +41,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "strait %s\n", version)
 		return 0
 	}
+	if len(args) > 0 && args[0] == "redirect-traffic" {
+		return runRedirect(args[1:], stdout, stderr)
+	}
 	o, err := parseFlags(args)
 	if errors.Is(err, flag.ErrHelp) {
 		if err := writeHelp(stdout); err != nil {

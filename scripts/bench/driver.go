@@ -66,7 +66,7 @@ type options struct {
 }
 
 // allTopologies is the run order; -only selects a subset.
-var allTopologies = []string{"strait", "strait-classic", "strait-x25519", "builtin", "relay", "haproxy", "stunnel"}
+var allTopologies = []string{"strait", "strait-classic", "strait-x25519", "builtin", "relay", "relay-copy", "haproxy", "stunnel"}
 
 func main() {
 	if len(os.Args) > 1 {
@@ -230,6 +230,12 @@ func run(ctx context.Context, o *options) (rep *report, err error) {
 	// drift is spread over all of them.
 	for round := 1; round <= o.rounds; round++ {
 		rep.roundLoads = append(rep.roundLoads, loadAvg())
+		if c, err := sealOpenPerGB(time.Second); err != nil {
+			logf("seal+open measure: %v", err)
+		} else {
+			rep.crypto = append(rep.crypto, c)
+			logf("seal+open: %.3f CPU s/GB", c)
+		}
 		for _, out := range rep.results {
 			if out.skipped != "" {
 				continue

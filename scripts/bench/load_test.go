@@ -105,7 +105,7 @@ func TestLoadDetectsFaults(t *testing.T) {
 
 func TestRelayHalfClose(t *testing.T) {
 	backend := serve(t, serveBackend)
-	addr := serve(t, func(c net.Conn) { relay(c.(*net.TCPConn), backend) })
+	addr := serve(t, func(c net.Conn) { relay(c.(*net.TCPConn), backend, false) })
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)

@@ -16,11 +16,15 @@ import (
 // to target and bytes are copied both ways; an EOF in one direction becomes
 // a CloseWrite on the other side (half-close) and the connection pair is
 // closed once both directions are done. io.Copy between two *net.TCPConn
-// uses splice(2), so the payload never enters user space.
+// uses splice(2), so the payload never enters user space; with -copy the
+// relay reads and writes through a 32 KiB buffer instead, as a TLS proxy
+// must: the copies into and out of the kernel that no user-space TLS proxy
+// can avoid.
 func runRelay(args []string) int {
 	fs := flag.NewFlagSet("relay", flag.ExitOnError)
 	listen := fs.String("listen", "127.0.0.1:0", "address to listen on")
 	target := fs.String("target", "", "address to relay to")
+	userCopy := fs.Bool("copy", false, "copy through user space (read/write, no splice)")
 	_ = fs.Parse(args)
 	if *target == "" {
 		fmt.Fprintln(os.Stderr, "relay: -target is required")
@@ -42,11 +46,11 @@ func runRelay(args []string) int {
 			fmt.Fprintln(os.Stderr, "relay: accept:", err)
 			continue
 		}
-		go relay(c.(*net.TCPConn), *target)
+		go relay(c.(*net.TCPConn), *target, *userCopy)
 	}
 }
 
-func relay(in *net.TCPConn, target string) {
+func relay(in *net.TCPConn, target string, userCopy bool) {
 	defer in.Close()
 	c, err := net.DialTimeout("tcp", target, 5*time.Second)
 	if err != nil {
@@ -59,7 +63,13 @@ func relay(in *net.TCPConn, target string) {
 	wg.Add(2)
 	pipe := func(dst, src *net.TCPConn) {
 		defer wg.Done()
-		_, err := io.Copy(dst, src)
+		var err error
+		if userCopy {
+			// Hide ReadFrom and WriteTo, which would splice.
+			_, err = io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, make([]byte, 32<<10))
+		} else {
+			_, err = io.Copy(dst, src)
+		}
 		if err != nil && !benign(err) {
 			fmt.Fprintln(os.Stderr, "relay: copy:", err)
 		}

@@ -71,7 +71,8 @@ type report struct {
 	cores                      int
 	nofile                     uint64
 	loadStart, loadEnd         string
-	roundLoads                 []string // load average as each round started
+	roundLoads                 []string  // load average as each round started
+	crypto                     []float64 // seal+open CPU s/GB, once per round
 	results                    []*outcome
 }
 
@@ -352,9 +353,11 @@ func (r *report) markdown() string {
 		w("Min–max over the %d rounds (A+B):\n\n%s\n", o.rounds, r.rangeTable(cpuColumns))
 	}
 
+	w("%s", r.floorSection())
 	w("## Notes\n\n")
 	w("- Topologies: **strait pair** (`bin/strait`, B with `-register`; tunnels between the two by default, and the classic one-TLS-connection-per-connection path with `-tunnels=off`), **built-in pair** (`consul connect proxy`, same flags), ")
 	w("**plain relay pair** (two `bench relay` processes: accept, dial, `io.Copy` both ways with half-close, splice, no TLS: the no-crypto ceiling), ")
+	w("**copy relay pair** (the same with `-copy`: read/write through a 32 KiB buffer instead of splice, the copies a user-space TLS proxy cannot avoid), ")
 	w("**HAProxy mTLS pair** (only if `haproxy` is installed: `apt-get install haproxy`; agent-issued certificates, chain verified, no SPIFFE ID check), ")
 	w("**stunnel mTLS pair** (only if stunnel is installed: `apt-get install stunnel4`; the same certificates and checks, a thread per connection). ")
 	w("Each pair has its own service names (`bench-client-<topology>`, `bench-server-<topology>`); B is listed passing in `/v1/health/connect` before A starts.\n")

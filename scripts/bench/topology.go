@@ -66,7 +66,12 @@ var topologies = map[string]topology{
 	"builtin": {label: "built-in pair", start: func(ctx context.Context, e *env) (*pair, error) {
 		return startMeshPair(ctx, e, "builtin", []string{e.consul, "connect", "proxy"})
 	}},
-	"relay":   {label: "plain relay pair", start: startRelayPair},
+	"relay": {label: "plain relay pair", start: func(ctx context.Context, e *env) (*pair, error) {
+		return startRelayPair(ctx, e)
+	}},
+	"relay-copy": {label: "copy relay pair (read/write, no splice)", start: func(ctx context.Context, e *env) (*pair, error) {
+		return startRelayPair(ctx, e, "-copy")
+	}},
 	"haproxy": {label: "HAProxy mTLS pair", optional: true, start: startHAProxyPair},
 	"stunnel": {label: "stunnel mTLS pair", optional: true, start: startStunnelPair},
 }
@@ -135,16 +140,16 @@ func startMeshPair(ctx context.Context, e *env, name string, argv []string, extr
 }
 
 // startRelayPair starts two plain TCP relays (this binary's relay mode):
-// A -> B -> backend, no TLS, no discovery.
-func startRelayPair(ctx context.Context, e *env) (*pair, error) {
+// A -> B -> backend, no TLS, no discovery; extra goes to both.
+func startRelayPair(ctx context.Context, e *env, extra ...string) (*pair, error) {
 	pr := &pair{}
 	var bAddr string
 	var err error
-	pr.b, bAddr, err = startSelf(ctx, e.procs, e.self, e.tmp, "relay-B", "relay", "-listen", "127.0.0.1:0", "-target", e.backend)
+	pr.b, bAddr, err = startSelf(ctx, e.procs, e.self, e.tmp, "relay-B", append([]string{"relay", "-listen", "127.0.0.1:0", "-target", e.backend}, extra...)...)
 	if err != nil {
 		return pr, err
 	}
-	pr.a, pr.entry, err = startSelf(ctx, e.procs, e.self, e.tmp, "relay-A", "relay", "-listen", "127.0.0.1:0", "-target", bAddr)
+	pr.a, pr.entry, err = startSelf(ctx, e.procs, e.self, e.tmp, "relay-A", append([]string{"relay", "-listen", "127.0.0.1:0", "-target", bAddr}, extra...)...)
 	if err != nil {
 		return pr, err
 	}

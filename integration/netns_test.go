@@ -1,0 +1,144 @@
+package integration
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// netns is a network namespace made by a test: a veth pair joins it to
+// the root namespace on a /30 of 198.18.0.0/15 (outer in the root
+// namespace, inner inside); loopback is up; there is no route out.
+type netns struct {
+	name         string
+	outer, inner string // addresses
+}
+
+func (n *netns) path() string { return "/var/run/netns/" + n.name }
+
+// requireNetns fails the test unless it can make namespaces and install
+// iptables rules (root, ip, iptables: .ci/run installs iptables).
+func requireNetns(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatal("network namespace tests need root")
+	}
+	for _, bin := range []string{"ip", "iptables", "iptables-save", "nsenter"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Fatalf("network namespace tests need %s: %v (apt-get install iptables iproute2 util-linux)", bin, err)
+		}
+	}
+}
+
+func sh(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// newNetns makes a namespace and its veth pair, and deletes both at
+// cleanup.
+func newNetns(t *testing.T) *netns {
+	t.Helper()
+	id := fmt.Sprintf("%06x", rand.IntN(1<<24))
+	n := &netns{name: "strait-it-" + id}
+	a, b := rand.IntN(2), rand.IntN(256)
+	c := 4 * rand.IntN(64)
+	n.outer = fmt.Sprintf("198.%d.%d.%d", 18+a, b, c+1)
+	n.inner = fmt.Sprintf("198.%d.%d.%d", 18+a, b, c+2)
+	host, peer := "st"+id+"h", "st"+id+"n"
+	sh(t, "ip", "netns", "add", n.name)
+	t.Cleanup(func() {
+		exec.Command("ip", "link", "del", host).Run()
+		if out, err := exec.Command("ip", "netns", "del", n.name).CombinedOutput(); err != nil {
+			t.Errorf("ip netns del %s: %v %s", n.name, err, out)
+		}
+	})
+	sh(t, "ip", "link", "add", host, "type", "veth", "peer", "name", peer)
+	sh(t, "ip", "link", "set", peer, "netns", n.name)
+	sh(t, "ip", "addr", "add", n.outer+"/30", "dev", host)
+	sh(t, "ip", "link", "set", host, "up")
+	sh(t, "ip", "netns", "exec", n.name, "ip", "addr", "add", n.inner+"/30", "dev", peer)
+	sh(t, "ip", "netns", "exec", n.name, "ip", "link", "set", peer, "up")
+	sh(t, "ip", "netns", "exec", n.name, "ip", "link", "set", "lo", "up")
+	return n
+}
+
+// startEchoIn runs the echo app (the test binary re-executed) inside n,
+// listening on addr.
+func (n *netns) startEchoIn(t *testing.T, name, addr string, key byte) *proc {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := startProc(t, name, "ip", []string{"netns", "exec", n.name, exe}, cleanEnv(echoAppEnv+"="+strconv.Itoa(int(key)), echoAppAddrEnv+"="+addr), false)
+	eventually(t, 30*time.Second, func() error {
+		if p.exited() {
+			t.Fatalf("%s exited: %v\n%s", name, p.waitErr, p.Output())
+		}
+		if !echoAppListening.MatchString(p.Output()) {
+			return errors.New(name + " not listening yet")
+		}
+		return nil
+	})
+	return p
+}
+
+// dial connects to addr from inside n: the socket is made on a thread
+// that has joined n (and dies with its goroutine, never back in use).
+func (n *netns) dial(addr string, timeout time.Duration) (net.Conn, error) {
+	type res struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() {
+		runtime.LockOSThread() // not unlocked: the thread exits with the goroutine
+		f, err := os.Open(n.path())
+		if err != nil {
+			ch <- res{nil, err}
+			return
+		}
+		defer f.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			ch <- res{nil, fmt.Errorf("setns %s: %w", n.name, err)}
+			return
+		}
+		c, err := net.DialTimeout("tcp", addr, timeout)
+		ch <- res{c, err}
+	}()
+	r := <-ch
+	return r.c, r.err
+}
+
+// natRules is the nat table inside n as iptables-save prints it, without
+// counters and comments, for comparison.
+func (n *netns) natRules(t *testing.T) string {
+	t.Helper()
+	out := sh(t, "ip", "netns", "exec", n.name, "iptables-save", "-t", "nat")
+	var lines []string
+	for _, l := range strings.Split(out, "\n") {
+		if l == "" || strings.HasPrefix(l, "#") {
+			continue
+		}
+		if i := strings.Index(l, " ["); strings.HasPrefix(l, ":") && i > 0 {
+			l = l[:i]
+		}
+		lines = append(lines, l)
+	}
+	return strings.Join(lines, "\n")
+}
