@@ -169,6 +169,16 @@ func TestCatalogWatchesLazilyAndBounded(t *testing.T) {
 	if err != nil || len(ta.snapshot()) != 1 {
 		t.Fatalf("a: %v", err)
 	}
+	// Connections cost no Consul request: the watch answers them all.
+	before := len(f.requests())
+	for range 50 {
+		if _, err := route(t, c, sniOf("a")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := len(f.requests()) - before; n > 0 {
+		t.Fatalf("50 routes of a watched name made %d health requests", n)
+	}
 	tb, err := route(t, c, sniOf("b"))
 	if err != nil {
 		t.Fatal(err)
