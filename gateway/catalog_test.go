@@ -65,7 +65,7 @@ func (f *fakeAgent) serve(w http.ResponseWriter, r *http.Request) {
 		case <-ch:
 		case <-r.Context().Done():
 			return
-		case <-time.After(2 * time.Second):
+		case <-time.After(30 * time.Second): // as a blocking query's wait
 		}
 		f.mu.Lock()
 	}
