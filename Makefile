@@ -38,6 +38,7 @@ fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	$(GO) test ./tlsutil -run '^$$' -fuzz FuzzParseID -fuzztime $${FUZZTIME:-30s}
 	$(GO) test ./config -run '^$$' -fuzz FuzzParseUpstream -fuzztime $${FUZZTIME:-30s}
 	$(GO) test ./authz -run '^$$' -fuzz FuzzMatch -fuzztime $${FUZZTIME:-30s}
+	$(GO) test ./gateway -run '^$$' -fuzz FuzzParseClientHello -fuzztime $${FUZZTIME:-30s}
 
 demo: build consul ## run two strait proxies against a dev agent and flip an intention
 	scripts/demo.sh
