@@ -401,3 +401,31 @@ func TestDialThroughMeshGateways(t *testing.T) {
 		})
 	}
 }
+
+// TestTargetConnectTimeout: an attempt on a target takes at most the
+// target's own resolver timeout, so a primary that black-holes its dials
+// hands over to the failover target long before the chain's timeout.
+func TestTargetConnectTimeout(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	_, holePort := startBlackHole(t)
+	backup := startTLSServer(t, f.ca, "backup")
+	t1, t2 := tgt("db", "", "dc1"), tgt("backup", "", "dc1")
+	t1.ConnectTimeout = 300 * time.Millisecond
+	c := newChain("db").resolve(t1, nil, t2)
+	c.Nodes[c.StartNode].Resolver.ConnectTimeout = 10 * time.Second
+	f.agent.setChain("db", c)
+	f.agent.setEntries(proxyEntry("n1", "db", holePort, api.HealthPassing), proxyEntry("n2", "backup", backup.port, api.HealthPassing))
+	u := newUpstream(t, serviceUpstream("db"), f.options(t))
+	run(t, u)
+	waitReady(t, u)
+
+	start := time.Now()
+	r := dialOK(t, u, "backup")
+	if elapsed := time.Since(start); elapsed > 2*time.Second {
+		t.Errorf("failover after %v; the primary's timeout is 300ms (the chain's 10s halved would be 5s)", elapsed)
+	}
+	if r.Target != t2.ID || r.Attempts != 2 {
+		t.Errorf("dial %+v, want the failover target on attempt 2", r)
+	}
+}

@@ -65,7 +65,8 @@ func (o DialOptions) sourceIP() netip.Addr {
 // one deadline: ctx's, capped at the resolver's connect timeout (the
 // upstream's ConnectTimeout for a prepared query). A failed attempt moves
 // on to an endpoint of the target not yet tried in this Dial, up to
-// MaxAttempts per target, then to the next target.
+// MaxAttempts per target, then to the next target; an attempt on a target
+// takes at most that target's own resolver timeout.
 //
 // The caller must call the returned release func once the proxied connection
 // ends, to decrement the endpoint's active count; calling it again is a no-op.
@@ -148,7 +149,7 @@ func (u *Upstream) dial(ctx context.Context, mux bool, opts DialOptions) (net.Co
 			}
 
 			e.st.active.Add(1)
-			c, err := u.dialOne(ctx, e, td, share, mux)
+			c, err := u.dialOne(ctx, e, td, share, t.ConnectTimeout, mux)
 			if err == nil {
 				u.succeeded(e.st)
 				var once atomic.Bool
@@ -238,13 +239,18 @@ func (u *Upstream) current(ctx context.Context) (*endpointSet, error) {
 // get it this time.
 var errNotMux = errors.New("peer no longer selects " + tlsutil.ALPNMux)
 
-func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share int, mux bool) (net.Conn, error) {
-	if share > 1 {
-		if dl, ok := ctx.Deadline(); ok {
-			var cancel context.CancelFunc
-			ctx, cancel = context.WithTimeout(ctx, time.Until(dl)/time.Duration(share))
-			defer cancel()
+// dialOne makes one attempt on ep with 1/share of what is left of ctx's
+// deadline, and at most limit (a failover target's own resolver timeout;
+// 0: no limit).
+func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share int, limit time.Duration, mux bool) (net.Conn, error) {
+	if dl, ok := ctx.Deadline(); ok && (share > 1 || limit > 0) {
+		d := time.Until(dl) / time.Duration(max(share, 1))
+		if limit > 0 {
+			d = min(d, limit)
 		}
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, d)
+		defer cancel()
 	}
 	e := ep.Endpoint
 	id := tlsutil.ServiceID(td, e.Partition, e.Namespace, e.Datacenter, e.Service)
@@ -262,7 +268,10 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 	}
 	var opts tlsutil.ClientOptions
 	gen := u.tls.Generation() // a rotation drains the tunnels of the old one
-	key := e.Addr + "|" + id.String()
+	// One tunnel per address, identity and SNI: through a mesh gateway the
+	// SNI picks the instances (a subset), so streams for two subsets must
+	// not share a tunnel.
+	key := e.Addr + "|" + id.String() + "|" + sni
 	switch ep.st.peer.kind() {
 	case peerStrait:
 		opts.ResumeKey = e.Addr
