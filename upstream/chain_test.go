@@ -429,3 +429,34 @@ func TestTargetConnectTimeout(t *testing.T) {
 		t.Errorf("dial %+v, want the failover target on attempt 2", r)
 	}
 }
+
+// TestRouterMatchesLoggedOnce: a router's routes with matches cannot apply
+// at L4; strait says so once per chain, not on every answer, and uses the
+// default route.
+func TestRouterMatchesLoggedOnce(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	srv := startTLSServer(t, f.ca, "db")
+	b := newChain("db")
+	def := b.resolver(tgt("db", "", "dc1"), nil)
+	admin := b.resolver(tgt("admin", "", "dc1"), nil)
+	f.agent.setChain("db", b.start(b.router("db", admin, def)))
+	f.agent.setEntries(proxyEntry("n1", "db", srv.port, api.HealthPassing))
+	u := newUpstream(t, serviceUpstream("db"), f.options(t))
+	run(t, u)
+	waitReady(t, u)
+	for range 3 {
+		before := len(f.agent.chainRequests())
+		f.agent.setChain("unrelated", nil) // wakes the blocking chain query
+		testutil.Eventually(t, "another chain answer", func() bool { return len(f.agent.chainRequests()) > before })
+	}
+	if n := strings.Count(f.logs.String(), "strait uses only its default route"); n != 1 {
+		t.Errorf("router warning logged %d times, want once:\n%s", n, f.logs.String())
+	}
+	if r := dialOK(t, u, "db"); r.Target != "db.default.default.dc1" {
+		t.Errorf("dialed %+v, want the default route's target", r)
+	}
+	if c := u.Chain(); c.IgnoredRouterRoutes != 1 || len(c.Targets) != 1 {
+		t.Errorf("chain status %+v", c)
+	}
+}
