@@ -109,30 +109,36 @@ type configDoc struct {
 	Telemetry metrics.Telemetry `json:"telemetry"`
 }
 
+// agentViewOf is the agent API settings as /config shows them. The token
+// itself never leaves the process: the view says only that one is set and
+// where it comes from.
+func agentViewOf(a config.API, httpAddr string) agentView {
+	v := agentView{
+		HTTPAddr: httpAddr, TokenFile: a.TokenFile, CAFile: a.CAFile, CAPath: a.CAPath,
+		ClientCert: a.ClientCert, ClientKey: a.ClientKey, TLSServerName: a.TLSServerName,
+		Datacenter: a.Datacenter,
+	}
+	switch {
+	case a.Token != "":
+		v.Token = Redacted
+	case a.TokenFile == "" && os.Getenv(api.HTTPTokenFileEnvName) == "" && os.Getenv(api.HTTPTokenEnvName) != "":
+		v.Token = Redacted + " (" + api.HTTPTokenEnvName + ")"
+	}
+	if v.TokenFile == "" {
+		v.TokenFile = os.Getenv(api.HTTPTokenFileEnvName)
+	}
+	return v
+}
+
 func configView(s Settings, c *config.Config, tel metrics.Telemetry) configDoc {
 	doc := configDoc{Telemetry: tel}
 	doc.Settings = settingsView{
 		Mode: s.Mode, ProxyID: s.ProxyID, SidecarFor: s.SidecarFor, Register: s.Register, RegisterID: s.RegisterID,
-		Agent: agentView{
-			HTTPAddr: s.HTTPAddr, TokenFile: s.API.TokenFile, CAFile: s.API.CAFile, CAPath: s.API.CAPath,
-			ClientCert: s.API.ClientCert, ClientKey: s.API.ClientKey, TLSServerName: s.API.TLSServerName,
-			Datacenter: s.API.Datacenter,
-		},
+		Agent:    agentViewOf(s.API, s.HTTPAddr),
 		LogLevel: s.LogLevel, LogJSON: s.LogJSON, AccessLog: s.AccessLog, AdminBind: s.AdminBind,
 		AdminPprof: s.AdminPprof, PprofAddr: s.PprofAddr,
 		ShutdownGrace: s.ShutdownGrace.String(), HalfCloseTimeout: s.HalfCloseTimeout.String(),
 		TLSKex: s.TLSKex, KTLS: s.KTLS, MaxInbound: s.MaxInboundConnections, MaxHandshakes: s.MaxHandshakes,
-	}
-	// The token itself never leaves the process; say only that one is set
-	// and where it comes from.
-	switch {
-	case s.API.Token != "":
-		doc.Settings.Agent.Token = Redacted
-	case s.API.TokenFile == "" && os.Getenv(api.HTTPTokenFileEnvName) == "" && os.Getenv(api.HTTPTokenEnvName) != "":
-		doc.Settings.Agent.Token = Redacted + " (" + api.HTTPTokenEnvName + ")"
-	}
-	if doc.Settings.Agent.TokenFile == "" {
-		doc.Settings.Agent.TokenFile = os.Getenv(api.HTTPTokenFileEnvName)
 	}
 	if c == nil {
 		return doc

@@ -74,6 +74,11 @@ type options struct {
 	metricsPrefix   string
 	disableHostname bool
 	disableHostSet  bool
+
+	// gw holds the flags of -gateway mode (gateway.go).
+	gw gatewayOptions
+	// set names the flags given on the command line.
+	set map[string]bool
 }
 
 // newFlagSet defines strait's flags on o. Each flag also needs a place in
@@ -117,11 +122,12 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.StringVar(&o.dogstatsdTags, "dogstatsd-tags", "", "Comma-separated `tags` added to every DogStatsD metric (telemetry dogstatsd_tags).")
 	fs.StringVar(&o.metricsPrefix, "metrics-prefix", "", "`Prefix` of every metric name (telemetry metrics_prefix; none by default, as the built-in proxy).")
 	fs.BoolVar(&o.disableHostname, "disable-hostname", false, "Keep the hostname out of statsd gauge names (telemetry disable_hostname).")
+	defineGatewayFlags(fs, &o.gw)
 	return fs
 }
 
 func parseFlags(args []string) (*options, error) {
-	o := &options{}
+	o := &options{set: map[string]bool{}}
 	fs := newFlagSet(o)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -133,6 +139,7 @@ func parseFlags(args []string) (*options, error) {
 		return nil, usagef("unexpected argument %q (strait takes only flags, or the 'version' command)", fs.Arg(0))
 	}
 	fs.Visit(func(f *flag.Flag) {
+		o.set[f.Name] = true
 		switch f.Name {
 		case "service", "service-addr", "listen", "upstream":
 			o.flagsModeSet = true
@@ -180,6 +187,14 @@ func (o *options) validate() error {
 	}{{"-statsd-addr", o.statsdAddr, false}, {"-statsite-addr", o.statsiteAddr, false}, {"-dogstatsd-addr", o.dogstatsdAddr, true}} {
 		if err := metrics.ValidateAddr(a.flag, a.addr, a.unix); err != nil {
 			return usageError{err.Error()}
+		}
+	}
+	if o.gw.kind != "" || o.set["gateway"] {
+		return o.validateGateway()
+	}
+	for _, f := range gatewayOnlyFlags {
+		if o.set[f] {
+			return usagef("-%s applies only with -gateway mesh", f)
 		}
 	}
 	agentMode := o.proxyID != "" || o.sidecarFor != ""

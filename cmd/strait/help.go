@@ -10,16 +10,20 @@ import (
 // one of these groups (TestHelpListsEveryFlag); Env names the variable a
 // flag falls back to when not given.
 var help = usage.Help{
-	Usage: []string{"strait [flags]", "strait version"},
+	Usage: []string{"strait [flags]", "strait -gateway mesh [flags]", "strait version"},
 	Summary: "Runs a Consul service-mesh sidecar proxy in place of `consul connect proxy`, with the same flags " +
 		"and environment variables. Agent mode (-proxy-id or -sidecar-for) reads and watches the proxy's " +
-		"registration in the local agent; flags mode (-service) takes everything from the command line.",
+		"registration in the local agent; flags mode (-service) takes everything from the command line. " +
+		"With -gateway mesh, strait is instead the datacenter's mesh gateway, in place of " +
+		"`consul connect envoy -gateway=mesh`: it routes each TLS connection by its ClientHello's server name to " +
+		"this datacenter's services or to another datacenter's gateways, without terminating TLS.",
 	Groups: []usage.Group{
 		{Title: "Mode", Flags: []string{"proxy-id", "sidecar-for", "service", "register", "register-id"}},
 		{Title: "Listeners (flags mode)", Flags: []string{"listen", "service-addr", "upstream"}},
 		{Title: "Agent API", Flags: []string{"http-addr", "token", "token-file", "ca-file", "ca-path", "client-cert", "client-key", "tls-server-name", "datacenter"}},
 		{Title: "Observability", Flags: []string{"log-level", "log-json", "access-log", "admin-bind", "admin-pprof", "pprof-addr",
 			"statsd-addr", "statsite-addr", "dogstatsd-addr", "dogstatsd-tags", "metrics-prefix", "disable-hostname"}},
+		{Title: "Mesh gateway (-gateway mesh; also -service, -proxy-id, -register and the agent API and observability flags)", Flags: []string{"gateway", "address", "wan-address", "hello-timeout", "max-connections", "max-pending", "max-watches"}},
 		{Title: "Tuning", Flags: []string{"shutdown-grace", "half-close-timeout", "tunnels", "tls-kex", "ktls", "max-inbound-connections", "max-handshakes"}},
 	},
 	Env: map[string]string{
@@ -41,6 +45,8 @@ var help = usage.Help{
 			Command: "strait -service web -service-addr 127.0.0.1:8080 -listen 0.0.0.0:21000 -upstream db:9191 -register"},
 		{Comment: "Flags mode, outbound only: a client reaching db through a unix socket:",
 			Command: "strait -service cli -upstream db:unix:/run/cli/db.sock"},
+		{Comment: "Mesh gateway on 10.0.0.5:8443, advertised to other datacenters as 203.0.113.7:8443, registered:",
+			Command: "strait -gateway mesh -register -address 10.0.0.5:8443 -wan-address 203.0.113.7:8443"},
 	},
 	Notes: []string{
 		"The agent API client also honours CONSUL_HTTP_SSL, CONSUL_HTTP_SSL_VERIFY and CONSUL_HTTP_AUTH, " +

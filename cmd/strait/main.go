@@ -53,6 +53,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "strait: %v\n", err)
 		return 2
 	}
+	if o.gw.kind != "" {
+		return runGateway(o, stdout, stderr)
+	}
 	agent, err := o.api.Connect()
 	if err != nil {
 		fmt.Fprintf(stderr, "strait: %v\n", err)

@@ -1,0 +1,31 @@
+// Package gateway is strait's mesh gateway (strait -gateway mesh): the
+// data plane that joins Consul datacenters, in place of Envoy run by
+// `consul connect envoy -gateway=mesh`.
+//
+// A Server accepts TCP connections and reads exactly one TLS record, which
+// must hold the whole ClientHello (ReadHello: at most 16 KiB plus the
+// header, within a hello timeout; the connections waiting for a hello and
+// all connections held are capped). It routes by the hello's server name,
+// as Consul's gateway listener does (agent/xds/listeners.go,
+// makeMeshGatewayListener):
+//
+//   - "*.<other-dc>.internal.<trust-domain>": that datacenter's mesh
+//     gateways, at their WAN addresses;
+//   - "[<subset>.]<service>.<namespace>.<our-dc>.internal.<trust-domain>":
+//     the service's connect proxies and Connect-native instances in this
+//     datacenter, at their LAN addresses; a subset (or the resolver's
+//     DefaultSubset) filters them with the service-resolver's subset
+//     Filter, and OnlyPassing is honoured;
+//   - anything else is closed and counted (gateway.unknown_sni).
+//
+// It then dials the least-loaded healthy endpoint (the next one on a
+// failed dial, within the connect timeout), replays the hello and hands
+// both sockets to proxy's copy loop, which moves the bytes by splice(2)
+// with half-close honoured. TLS is never terminated: the gateway has no
+// certificate, and the SPIFFE checks stay end to end between the client
+// and the final service.
+//
+// Routes come from a Router; Catalog is the one backed by the local Consul
+// agent's blocking queries, so no connection costs a Consul request.
+// Register keeps the gateway's Kind mesh-gateway registration.
+package gateway
