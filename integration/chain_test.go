@@ -2,8 +2,6 @@ package integration
 
 import (
 	"crypto/tls"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -106,7 +104,7 @@ func startChainClient(t testing.TB, a *agent, dst string, extra ...string) (*pro
 	return startStrait(t, a, args...), hostPort(port)
 }
 
-// adminChain returns the chain of the first upstream in p's /upstreams.
+// adminChain is an upstream's chain as /upstreams shows it.
 type adminChain struct {
 	Protocol string `json:"protocol"`
 	Legs     []struct {
@@ -115,26 +113,50 @@ type adminChain struct {
 		Active  string   `json:"active"`
 	} `json:"legs"`
 	Targets []struct {
-		ID        string            `json:"id"`
-		SNI       string            `json:"sni"`
-		Active    bool              `json:"active"`
-		Endpoints []json.RawMessage `json:"endpoints"`
+		ID        string `json:"id"`
+		SNI       string `json:"sni"`
+		Active    bool   `json:"active"`
+		Via       string `json:"via"`
+		Endpoints []struct {
+			Addr    string `json:"addr"`
+			Gateway string `json:"gateway"`
+		} `json:"endpoints"`
 	} `json:"targets"`
 }
 
-func upstreamChain(p *proc) (*adminChain, error) {
+// upstreamChains returns the chains in p's /upstreams by listen address.
+func upstreamChains(p *proc) (map[string]*adminChain, error) {
 	var out struct {
 		Upstreams []struct {
-			Chain *adminChain `json:"chain"`
+			Listen string      `json:"listen"`
+			Chain  *adminChain `json:"chain"`
 		} `json:"upstreams"`
 	}
 	if code, err := adminGetJSON(p, "/upstreams", &out); err != nil || code != 200 {
 		return nil, fmt.Errorf("/upstreams: %d %v", code, err)
 	}
-	if len(out.Upstreams) != 1 || out.Upstreams[0].Chain == nil {
-		return nil, errors.New("/upstreams has no chain")
+	m := map[string]*adminChain{}
+	for _, u := range out.Upstreams {
+		if u.Chain != nil {
+			m[u.Listen] = u.Chain
+		}
 	}
-	return out.Upstreams[0].Chain, nil
+	return m, nil
+}
+
+// upstreamChain returns the chain of p's only upstream.
+func upstreamChain(p *proc) (*adminChain, error) {
+	m, err := upstreamChains(p)
+	if err != nil {
+		return nil, err
+	}
+	if len(m) != 1 {
+		return nil, fmt.Errorf("/upstreams has %d chains, want 1", len(m))
+	}
+	for _, c := range m {
+		return c, nil
+	}
+	return nil, nil
 }
 
 // TestChainDefaultSubsetOfSidecars: a service-resolver's DefaultSubset
