@@ -173,7 +173,8 @@ func pickLeastRequest(eps []*endpoint, cand []int, k int) int {
 func (s *endpointSet) pickRoundRobin(cand []int) int {
 	s.lb.wrrOnce.Do(func() { s.lb.wrr = smoothWRR(s.eps) })
 	sched := s.lb.wrr
-	allowed := candMask(len(s.eps), cand)
+	var mbuf [64]bool
+	allowed := candMask(mbuf[:0], len(s.eps), cand)
 	n := s.lb.rr.Add(1) - 1
 	for j := range uint64(len(sched)) {
 		if i := int(sched[(n+j)%uint64(len(sched))]); allowed[i] {
@@ -183,8 +184,14 @@ func (s *endpointSet) pickRoundRobin(cand []int) int {
 	return cand[0]
 }
 
-func candMask(n int, cand []int) []bool {
-	m := make([]bool, n)
+// candMask marks cand among n endpoints, in buf when it is large enough.
+func candMask(buf []bool, n int, cand []int) []bool {
+	var m []bool
+	if n <= cap(buf) {
+		m = buf[:n]
+	} else {
+		m = make([]bool, n)
+	}
 	for _, i := range cand {
 		m[i] = true
 	}
@@ -219,7 +226,8 @@ func smoothWRR(eps []*endpoint) []int32 {
 // on to the first candidate: a source keeps its endpoint while that one is
 // healthy, and only the sources of an endpoint that left move.
 func (s *endpointSet) pickHash(b *Balancer, cand []int, h uint64) int {
-	allowed := candMask(len(s.eps), cand)
+	var mbuf [64]bool
+	allowed := candMask(mbuf[:0], len(s.eps), cand)
 	if b.Policy == PolicyMaglev {
 		s.lb.maglevOnce.Do(func() { s.lb.maglev = maglevTable(s.eps, maglevTableSize) })
 		t := s.lb.maglev

@@ -116,7 +116,10 @@ func (u *Upstream) dial(ctx context.Context, mux bool, opts DialOptions) (net.Co
 	}
 	// later[k] is the distinct endpoints planned after target k.
 	var lbuf [8]int
-	later := append(lbuf[:0], make([]int, len(order))...)
+	later := lbuf[:min(len(order), len(lbuf))]
+	if len(order) > len(lbuf) {
+		later = make([]int, len(order))
+	}
 	for k := len(order) - 2; k >= 0; k-- {
 		later[k] = later[k+1] + min(u.maxAttempts, len(order[k+1].set.eps))
 	}
