@@ -1,6 +1,7 @@
 package upstream
 
 import (
+	"context"
 	"encoding/json"
 	"math"
 	"slices"
@@ -458,5 +459,68 @@ func TestRouterMatchesLoggedOnce(t *testing.T) {
 	}
 	if c := u.Chain(); c.IgnoredRouterRoutes != 1 || len(c.Targets) != 1 {
 		t.Errorf("chain status %+v", c)
+	}
+}
+
+// TestCatalogSharesWatches: upstreams (and targets) that need the same
+// health query share one watch of a shared Catalog; the watch stops with
+// its last user, and Close joins everything.
+func TestCatalogSharesWatches(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	srv := startTLSServer(t, f.ca, "db")
+	f.agent.setEntries(proxyEntry("n1", "db", srv.port, api.HealthPassing))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	cat := NewCatalog(ctx, f.agent.client(t), nil)
+	opts := f.options(t)
+	opts.Catalog = cat
+	var us []*Upstream
+	stops := []func(){}
+	for port := range 3 {
+		cfg := serviceUpstream("db")
+		cfg.LocalBindPort = 9000 + port
+		u := newUpstream(t, cfg, opts)
+		uctx, ucancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			u.Run(uctx)
+		}()
+		stops = append(stops, func() { ucancel(); <-done })
+		us = append(us, u)
+	}
+	for _, u := range us {
+		waitReady(t, u)
+		dialOK(t, u, "db")
+	}
+	cat.mu.Lock()
+	n := len(cat.health)
+	refs := 0
+	for _, fd := range cat.health {
+		refs = fd.refs
+	}
+	cat.mu.Unlock()
+	if n != 1 || refs != 3 {
+		t.Errorf("%d health watches with %d users, want 1 shared by 3", n, refs)
+	}
+	for _, stop := range stops {
+		stop()
+	}
+	cat.mu.Lock()
+	n = len(cat.health)
+	cat.mu.Unlock()
+	if n != 0 {
+		t.Errorf("%d health watches left after every upstream stopped", n)
+	}
+	done := make(chan struct{})
+	go func() {
+		cat.Close()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Catalog.Close did not return")
 	}
 }
