@@ -111,8 +111,10 @@ type EndpointStatus struct {
 type Options struct {
 	Client *api.Client // required
 	TLS    TLS         // required
-	// LocalDatacenter is the expected datacenter of endpoints when neither
-	// Consul's answer nor the upstream names one.
+	// LocalDatacenter is the agent's datacenter: the expected datacenter
+	// of endpoints when neither Consul's answer nor the upstream names one,
+	// and what makes a chain target cross-datacenter (WAN addresses, mesh
+	// gateways). Empty means Run asks the agent (/v1/agent/self).
 	LocalDatacenter string
 	Logger          hclog.Logger // nil means no logging
 	// QueryTTL is how long a prepared query answer is used before it is
