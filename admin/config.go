@@ -100,7 +100,13 @@ type upstreamView struct {
 	Listen         string `json:"listen"`
 	Network        string `json:"network"`
 	SocketMode     string `json:"local_bind_socket_mode,omitempty"`
-	ConnectTimeout string `json:"connect_timeout"`
+	// ConnectTimeout is a prepared query's (default applied) and a service
+	// upstream's connect_timeout_ms override; without one a service
+	// upstream's timeouts are its chain's resolvers' (/upstreams).
+	ConnectTimeout string `json:"connect_timeout,omitempty"`
+	// Protocol and MeshGatewayMode are the discovery chain overrides.
+	Protocol        string `json:"protocol,omitempty"`
+	MeshGatewayMode string `json:"mesh_gateway_mode,omitempty"`
 }
 
 type configDoc struct {
@@ -155,7 +161,10 @@ func configView(s Settings, c *config.Config, tel metrics.Telemetry) configDoc {
 	for _, u := range c.Upstreams {
 		uv := upstreamView{
 			UpstreamDestination: proxy.DestinationOf(u), Listen: u.Addr(), Network: u.Network(),
-			ConnectTimeout: u.ConnectTimeoutOrDefault().String(),
+			Protocol: u.Protocol, MeshGatewayMode: u.MeshGatewayMode,
+		}
+		if u.Type() == config.TypePreparedQuery || u.ConnectTimeout > 0 {
+			uv.ConnectTimeout = u.ConnectTimeoutOrDefault().String()
 		}
 		if u.LocalBindSocketMode != 0 {
 			uv.SocketMode = "0" + strconv.FormatUint(uint64(u.LocalBindSocketMode.Perm()), 8)

@@ -16,13 +16,13 @@ import (
 func TestUpstreamJSON(t *testing.T) {
 	t.Parallel()
 	u := config.Upstream{DestinationName: "db", DestinationNamespace: "ns", Datacenter: "dc2",
-		LocalBindAddress: "127.0.0.1", LocalBindPort: 9191, ConnectTimeout: 2 * time.Second}
+		LocalBindAddress: "127.0.0.1", LocalBindPort: 9191, ConnectTimeout: 2 * time.Second, Protocol: "http", MeshGatewayMode: "local"}
 	b, err := json.Marshal(configView(Settings{}, &config.Config{Service: "web", Upstreams: []config.Upstream{u}}, metrics.Telemetry{}).Proxy.Upstreams)
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := `[{"destination_type":"service","destination_name":"db","destination_namespace":"ns","datacenter":"dc2",` +
-		`"listen":"127.0.0.1:9191","network":"tcp","connect_timeout":"2s"}]`
+		`"listen":"127.0.0.1:9191","network":"tcp","connect_timeout":"2s","protocol":"http","mesh_gateway_mode":"local"}]`
 	if string(b) != want {
 		t.Errorf("/config upstreams:\n got %s\nwant %s", b, want)
 	}

@@ -23,7 +23,9 @@ import (
 // Config. Unlike the built-in proxy it honours bind_address, bind_port,
 // local_service_address, the timeouts and max_inbound_connections (set by
 // service-defaults MaxInboundConnections) from Proxy.Config, and accepts
-// numbers as JSON floats, integers or numeric strings.
+// numbers as JSON floats, integers or numeric strings. Per upstream it
+// carries Config.protocol and MeshGateway.Mode, which the discovery chain
+// request overrides with, as Consul's own proxy configuration does.
 func FromAgentService(svc *api.AgentService) (*Config, error) {
 	if svc == nil {
 		return nil, fmt.Errorf("no service registration")
@@ -114,6 +116,7 @@ func FromAgentService(svc *api.AgentService) (*Config, error) {
 			LocalBindAddress:     u.LocalBindAddress,
 			LocalBindPort:        u.LocalBindPort,
 			LocalBindSocketPath:  u.LocalBindSocketPath,
+			MeshGatewayMode:      string(u.MeshGateway.Mode),
 		}
 		if u.LocalBindSocketMode != "" {
 			m, err := strconv.ParseUint(u.LocalBindSocketMode, 8, 32)
@@ -125,6 +128,10 @@ func FromAgentService(svc *api.AgentService) (*Config, error) {
 		if up.ConnectTimeout, err = msKey(u.Config, "connect_timeout_ms"); err != nil {
 			return nil, fmt.Errorf("proxy %q upstream %s: %w", svc.ID, u.DestinationName, err)
 		}
+		if up.Protocol, err = stringKey(u.Config, "protocol"); err != nil {
+			return nil, fmt.Errorf("proxy %q upstream %s: %w", svc.ID, u.DestinationName, err)
+		}
+		up.Protocol = strings.ToLower(strings.TrimSpace(up.Protocol))
 		if err := up.Validate(); err != nil {
 			return nil, fmt.Errorf("proxy %q: %w", svc.ID, err)
 		}

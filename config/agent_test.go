@@ -125,7 +125,7 @@ func TestFromAgentServiceBase(t *testing.T) {
 			LocalServiceAddress: "127.0.0.1:8080",
 		},
 		Upstreams: []Upstream{
-			{DestinationType: TypeService, DestinationName: "db", Datacenter: "dc2", LocalBindAddress: "127.0.0.1", LocalBindPort: 9191},
+			{DestinationType: TypeService, DestinationName: "db", Datacenter: "dc2", LocalBindAddress: "127.0.0.1", LocalBindPort: 9191, Protocol: "tcp"},
 			{DestinationType: TypePreparedQuery, DestinationName: "geo", LocalBindPort: 9192},
 		},
 	}
@@ -149,6 +149,33 @@ func TestFromAgentServiceBase(t *testing.T) {
 	}
 	if got := c.Upstreams[0].String(); got != "db in dc2" {
 		t.Errorf("upstream String() = %q", got)
+	}
+}
+
+// TestFromAgentServiceChainOverrides: an upstream's Config.protocol and
+// MeshGateway.Mode reach the Upstream (the discovery chain request's
+// overrides); a non-string protocol is refused with its place.
+func TestFromAgentServiceChainOverrides(t *testing.T) {
+	t.Parallel()
+	c, err := FromAgentService(decodeRegistration(t,
+		set(func(m map[string]any) map[string]any { return upstreamOf(m, 0) }, "Config", map[string]any{"protocol": "HTTP", "connect_timeout_ms": 2500}),
+		set(func(m map[string]any) map[string]any { return upstreamOf(m, 0) }, "MeshGateway", map[string]any{"Mode": "remote"}),
+	))
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := c.Upstreams[0]
+	if u.Protocol != "http" || u.MeshGatewayMode != MeshGatewayRemote || u.ConnectTimeout != 2500*time.Millisecond {
+		t.Errorf("upstream %+v", u)
+	}
+	if c.Upstreams[1].Protocol != "" || c.Upstreams[1].MeshGatewayMode != "" {
+		t.Errorf("second upstream %+v, want no overrides", c.Upstreams[1])
+	}
+	_, err = FromAgentService(decodeRegistration(t,
+		set(func(m map[string]any) map[string]any { return upstreamOf(m, 0) }, "Config", map[string]any{"protocol": 7}),
+	))
+	if err == nil || !strings.Contains(err.Error(), "upstream db") || !strings.Contains(err.Error(), "protocol") {
+		t.Errorf("numeric protocol: err = %v", err)
 	}
 }
 

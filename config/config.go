@@ -127,9 +127,31 @@ type Upstream struct {
 	LocalBindSocketMode os.FileMode
 
 	// ConnectTimeout bounds dialing and handshaking with the destination,
-	// retries included; zero means DefaultConnectTimeout.
+	// retries included; zero means DefaultConnectTimeout. For a service
+	// upstream a non-zero value is sent to Consul as the discovery chain's
+	// OverrideConnectTimeout, and the compiled chain's resolver timeout
+	// (Consul's default 5s when neither is set) bounds each dial.
 	ConnectTimeout time.Duration
+
+	// Protocol is the upstream's config "protocol" (agent mode; flags mode
+	// has no way to set it), sent to Consul as the discovery chain's
+	// OverrideProtocol. Empty leaves the protocol service-defaults and
+	// proxy-defaults give the chain.
+	Protocol string
+	// MeshGatewayMode is the upstream's MeshGateway.Mode: "", "none",
+	// "local" or "remote", sent as the chain's OverrideMeshGateway. Empty
+	// leaves the mode service-defaults and proxy-defaults give each
+	// target. It matters only for targets in another datacenter.
+	MeshGatewayMode string
 }
+
+// Mesh gateway modes (Upstream.MeshGatewayMode, a chain target's mode).
+const (
+	MeshGatewayDefault = ""
+	MeshGatewayNone    = "none"
+	MeshGatewayLocal   = "local"
+	MeshGatewayRemote  = "remote"
+)
 
 // Type returns DestinationType with its default applied.
 func (u Upstream) Type() string {
@@ -187,6 +209,11 @@ func (u Upstream) Validate() error {
 	case TypeService, TypePreparedQuery:
 	default:
 		return fmt.Errorf("upstream %s: unknown destination type %q", u.DestinationName, u.DestinationType)
+	}
+	switch u.MeshGatewayMode {
+	case MeshGatewayDefault, MeshGatewayNone, MeshGatewayLocal, MeshGatewayRemote:
+	default:
+		return fmt.Errorf("upstream %s: mesh gateway mode %q: want none, local or remote", u.DestinationName, u.MeshGatewayMode)
 	}
 	if u.LocalBindSocketPath == "" && (u.LocalBindPort < 1 || u.LocalBindPort > 65535) {
 		return fmt.Errorf("upstream %s: local bind port %d out of range 1-65535", u.DestinationName, u.LocalBindPort)

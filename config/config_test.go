@@ -64,6 +64,7 @@ func TestUpstreamValidate(t *testing.T) {
 		{DestinationName: "db", LocalBindPort: 65535},
 		{DestinationType: TypePreparedQuery, DestinationName: "q", LocalBindPort: 80},
 		{DestinationName: "db", LocalBindSocketPath: "/run/db.sock"},
+		{DestinationName: "db", LocalBindPort: 1, MeshGatewayMode: MeshGatewayLocal, Protocol: "http"},
 	}
 	for _, u := range ok {
 		if err := u.Validate(); err != nil {
@@ -79,6 +80,7 @@ func TestUpstreamValidate(t *testing.T) {
 		{Upstream{DestinationName: "db", LocalBindPort: 65536}, "port 65536"},
 		{Upstream{DestinationName: "db", LocalBindPort: -1}, "port -1"},
 		{Upstream{DestinationType: "peer", DestinationName: "db", LocalBindPort: 80}, `"peer"`},
+		{Upstream{DestinationName: "db", LocalBindPort: 80, MeshGatewayMode: "nearby"}, `mesh gateway mode "nearby"`},
 	}
 	for _, tc := range bad {
 		err := tc.u.Validate()

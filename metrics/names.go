@@ -106,31 +106,34 @@ type promDesc struct {
 // Prometheus exposition. go-metrics' runtime.* keys are here too: their
 // own names break Prometheus conventions (gauges named *_count, ns).
 var promDescs = map[string]promDesc{
-	"inbound.conns":              {"inbound_conns", kindGauge, 1, "Open proxied connections on the public listener (built-in proxy's inbound.conns)."},
-	"inbound.rx_bytes":           {"inbound_rx_bytes_total", kindCounter, 1, "Bytes received from inbound peers (built-in proxy's inbound.rx_bytes)."},
-	"inbound.tx_bytes":           {"inbound_tx_bytes_total", kindCounter, 1, "Bytes sent to inbound peers (built-in proxy's inbound.tx_bytes)."},
-	"upstream.conns":             {"upstream_conns", kindGauge, 1, "Open proxied connections per upstream (built-in proxy's upstream.conns)."},
-	"upstream.rx_bytes":          {"upstream_rx_bytes_total", kindCounter, 1, "Bytes received from the local application per upstream (built-in proxy's upstream.rx_bytes)."},
-	"upstream.tx_bytes":          {"upstream_tx_bytes_total", kindCounter, 1, "Bytes sent to the local application per upstream (built-in proxy's upstream.tx_bytes)."},
-	"inbound.denied":             {"inbound_denied_total", kindCounter, 1, "Inbound connections refused by intentions, by source service."},
-	"inbound.plaintext":          {"inbound_plaintext_total", kindCounter, 1, "Plaintext connections to the application's port passed through in permissive mutual TLS mode."},
-	"inbound.plaintext_bytes":    {"inbound_plaintext_bytes_total", kindCounter, 1, "Bytes (both directions) of plaintext connections passed through in permissive mode, added as each closes."},
-	"inbound.plaintext_refused":  {"inbound_plaintext_refused_total", kindCounter, 1, "Plaintext connections to the application's port closed because the service is strict."},
-	"inbound.revoked":            {"inbound_revoked_total", kindCounter, 1, "Open inbound connections closed because the intentions changed to deny their source."},
-	"inbound.handshake_failed":   {"inbound_handshake_failed_total", kindCounter, 1, "Inbound TLS handshakes that failed for a reason other than intentions, by reason."},
-	"inbound.app_dial_failed":    {"inbound_app_dial_failed_total", kindCounter, 1, "Authorized inbound connections whose application could not be dialed, by reason."},
-	"inbound.tunnel_refused":     {"inbound_tunnel_refused_total", kindCounter, 1, "Inbound tunnels and tunnel streams refused, by reason."},
-	"inbound.conns_refused":      {"inbound_conns_refused_total", kindCounter, 1, "Inbound connections and tunnel streams closed at once by a limit, by reason."},
-	"log.suppressed":             {"log_suppressed_total", kindCounter, 1, "Log and access-log lines about refusals not written because one tunnel or source produced too many, by reason."},
-	"upstream.tunnel_violation":  {"upstream_tunnel_violation_total", kindCounter, 1, "Client tunnels closed because the server broke the tunnel protocol, by reason."},
-	"inbound.conn_duration":      {"inbound_conn_duration_seconds", kindSummary, 1e-3, "Duration of proxied inbound connections in seconds."},
-	"upstream.dial_failed":       {"upstream_dial_failed_total", kindCounter, 1, "Upstream connections for which no endpoint could be dialed."},
-	"upstream.dial_retries":      {"upstream_dial_retries_total", kindCounter, 1, "Upstream dial attempts beyond the first of a connection."},
-	"upstream.healthy_endpoints": {"upstream_healthy_endpoints", kindGauge, 1, "Passing endpoints listed by Consul per upstream."},
-	"upstream.ejected_endpoints": {"upstream_ejected_endpoints", kindGauge, 1, "Endpoints skipped after dial failures per upstream."},
-	"upstream.conn_duration":     {"upstream_conn_duration_seconds", kindSummary, 1e-3, "Duration of proxied upstream connections in seconds."},
-	"leaf.seconds_to_expiry":     {"leaf_time_to_expiry_seconds", kindGauge, 1, "Seconds until the leaf certificate expires."},
-	"watch.errors":               {"watch_errors_total", kindCounter, 1, "Failed blocking queries against the local agent, by watch."},
+	"inbound.conns":                     {"inbound_conns", kindGauge, 1, "Open proxied connections on the public listener (built-in proxy's inbound.conns)."},
+	"inbound.rx_bytes":                  {"inbound_rx_bytes_total", kindCounter, 1, "Bytes received from inbound peers (built-in proxy's inbound.rx_bytes)."},
+	"inbound.tx_bytes":                  {"inbound_tx_bytes_total", kindCounter, 1, "Bytes sent to inbound peers (built-in proxy's inbound.tx_bytes)."},
+	"upstream.conns":                    {"upstream_conns", kindGauge, 1, "Open proxied connections per upstream (built-in proxy's upstream.conns)."},
+	"upstream.rx_bytes":                 {"upstream_rx_bytes_total", kindCounter, 1, "Bytes received from the local application per upstream (built-in proxy's upstream.rx_bytes)."},
+	"upstream.tx_bytes":                 {"upstream_tx_bytes_total", kindCounter, 1, "Bytes sent to the local application per upstream (built-in proxy's upstream.tx_bytes)."},
+	"inbound.denied":                    {"inbound_denied_total", kindCounter, 1, "Inbound connections refused by intentions, by source service."},
+	"inbound.plaintext":                 {"inbound_plaintext_total", kindCounter, 1, "Plaintext connections to the application's port passed through in permissive mutual TLS mode."},
+	"inbound.plaintext_bytes":           {"inbound_plaintext_bytes_total", kindCounter, 1, "Bytes (both directions) of plaintext connections passed through in permissive mode, added as each closes."},
+	"inbound.plaintext_refused":         {"inbound_plaintext_refused_total", kindCounter, 1, "Plaintext connections to the application's port closed because the service is strict."},
+	"inbound.revoked":                   {"inbound_revoked_total", kindCounter, 1, "Open inbound connections closed because the intentions changed to deny their source."},
+	"inbound.handshake_failed":          {"inbound_handshake_failed_total", kindCounter, 1, "Inbound TLS handshakes that failed for a reason other than intentions, by reason."},
+	"inbound.app_dial_failed":           {"inbound_app_dial_failed_total", kindCounter, 1, "Authorized inbound connections whose application could not be dialed, by reason."},
+	"inbound.tunnel_refused":            {"inbound_tunnel_refused_total", kindCounter, 1, "Inbound tunnels and tunnel streams refused, by reason."},
+	"inbound.conns_refused":             {"inbound_conns_refused_total", kindCounter, 1, "Inbound connections and tunnel streams closed at once by a limit, by reason."},
+	"log.suppressed":                    {"log_suppressed_total", kindCounter, 1, "Log and access-log lines about refusals not written because one tunnel or source produced too many, by reason."},
+	"upstream.tunnel_violation":         {"upstream_tunnel_violation_total", kindCounter, 1, "Client tunnels closed because the server broke the tunnel protocol, by reason."},
+	"inbound.conn_duration":             {"inbound_conn_duration_seconds", kindSummary, 1e-3, "Duration of proxied inbound connections in seconds."},
+	"upstream.dial_failed":              {"upstream_dial_failed_total", kindCounter, 1, "Upstream connections for which no endpoint could be dialed."},
+	"upstream.dial_retries":             {"upstream_dial_retries_total", kindCounter, 1, "Upstream dial attempts beyond the first of a connection."},
+	"upstream.healthy_endpoints":        {"upstream_healthy_endpoints", kindGauge, 1, "Passing endpoints listed by Consul per upstream."},
+	"upstream.ejected_endpoints":        {"upstream_ejected_endpoints", kindGauge, 1, "Endpoints skipped after dial failures per upstream."},
+	"upstream.conn_duration":            {"upstream_conn_duration_seconds", kindSummary, 1e-3, "Duration of proxied upstream connections in seconds."},
+	"upstream.target_connections":       {"upstream_target_connections_total", kindCounter, 1, "Upstream connections established per discovery chain target."},
+	"upstream.target_healthy_endpoints": {"upstream_target_healthy_endpoints", kindGauge, 1, "Endpoints (healthy instances, or the mesh gateways leading to them) per discovery chain target."},
+	"upstream.target_active":            {"upstream_target_active", kindGauge, 1, "1 while new connections start with this discovery chain target, else 0."},
+	"leaf.seconds_to_expiry":            {"leaf_time_to_expiry_seconds", kindGauge, 1, "Seconds until the leaf certificate expires."},
+	"watch.errors":                      {"watch_errors_total", kindCounter, 1, "Failed blocking queries against the local agent, by watch."},
 
 	"runtime.num_goroutines":    {"runtime_num_goroutines", kindGauge, 1, "Goroutines that currently exist."},
 	"runtime.alloc_bytes":       {"runtime_alloc_bytes", kindGauge, 1, "Bytes of allocated heap objects."},
@@ -196,4 +199,20 @@ var (
 	// server broke the tunnel protocol {reason} (server_stream: it opened
 	// a stream).
 	UpstreamTunnelViolation = []string{"upstream", "tunnel_violation"}
+)
+
+// Names added for discovery chains: per target of a service upstream's
+// chain, labelled {src, dst_type, dst, target} with the target's ID
+// ([subset.]service.namespace.partition.datacenter).
+var (
+	// UpstreamTargetConnections counts upstream connections established
+	// to a target.
+	UpstreamTargetConnections = []string{"upstream", "target_connections"}
+	// UpstreamTargetHealthyEndpoints is a gauge of a target's endpoints:
+	// its healthy instances, or the mesh gateways that lead to it.
+	UpstreamTargetHealthyEndpoints = []string{"upstream", "target_healthy_endpoints"}
+	// UpstreamTargetActive is 1 while new connections of some splitter
+	// leg start with the target (the first of its failover order with
+	// healthy endpoints), else 0.
+	UpstreamTargetActive = []string{"upstream", "target_active"}
 )

@@ -64,6 +64,7 @@ type accessRecord struct {
 	source   string // SPIFFE ID of the connecting service
 	dest     string // destination service (inbound: ours; upstream: its name)
 	endpoint string // inbound: the application's address; upstream: the endpoint dialed
+	target   string // upstream: the discovery chain target dialed (its ID)
 	remote   string // the accepted connection's peer address
 	start    time.Time
 	rx, tx   int64 // bytes from the accepted side, and back to it
@@ -131,7 +132,7 @@ func (p *Proxy) logAccess(r *accessRecord) {
 		"reason", r.reason,
 	}
 	if r.dir == "upstream" {
-		args = append(args, "attempts", r.attempts)
+		args = append(args, "attempts", r.attempts, "target", r.target)
 	}
 	if r.detail != "" {
 		args = append(args, "detail", r.detail)

@@ -136,6 +136,11 @@ func (p *Proxy) declare(l *listener) {
 	l.gauge.emit(m)
 }
 
+// targetLabels are an upstream listener's labels plus target.
+func targetLabels(labels []metrics.Label, target string) []metrics.Label {
+	return append(labels[:len(labels):len(labels)], metrics.Label{Name: "target", Value: target})
+}
+
 // forget drops a drained listener's accounting.
 func (p *Proxy) forget(l *listener) {
 	p.mu.Lock()
@@ -201,6 +206,17 @@ func (p *Proxy) flush() {
 			}
 			p.metrics.SetGauge(metrics.UpstreamHealthyEndpoints, float32(healthy), l.labels)
 			p.metrics.SetGauge(metrics.UpstreamEjectedEndpoints, float32(ejected), l.labels)
+			if ch := l.up.Chain(); ch != nil {
+				for _, t := range ch.Targets {
+					tl := targetLabels(l.labels, t.ID)
+					p.metrics.SetGauge(metrics.UpstreamTargetHealthyEndpoints, float32(len(t.Endpoints)), tl)
+					active := float32(0)
+					if t.Active {
+						active = 1
+					}
+					p.metrics.SetGauge(metrics.UpstreamTargetActive, active, tl)
+				}
+			}
 		}
 	}
 	for g := range gauges {

@@ -784,7 +784,7 @@ func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *listener,
 		}
 		t.Stop()
 	}
-	tc, ep, releaseEndpoint, err := ul.up.DialConn(ctx)
+	tc, ep, releaseEndpoint, err := ul.up.DialConn(ctx, upstream.DialOptions{Source: conn.RemoteAddr()})
 	rec.attempts = int32(ep.Attempts)
 	if n := rec.attempts; n > 1 {
 		p.metrics.IncrCounter(metrics.UpstreamDialRetries, float32(n-1), ul.labels)
@@ -801,7 +801,10 @@ func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *listener,
 		p.logAccess(rec)
 		return
 	}
-	rec.endpoint = ep.Addr
+	rec.endpoint, rec.target = ep.Addr, ep.Target
+	if ep.Target != "" {
+		p.metrics.IncrCounter(metrics.UpstreamTargetConnections, 1, targetLabels(ul.labels, ep.Target))
+	}
 	p.proxy(conn, conn, tc, ul, rec, release, releaseEndpoint, nil)
 	handedOff = true
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/straitproxy/strait/config"
 	"github.com/straitproxy/strait/internal/watch"
 	"github.com/straitproxy/strait/metrics"
+	"github.com/straitproxy/strait/upstream"
 )
 
 // phase is where a Proxy is on its way to serving.
@@ -291,6 +292,10 @@ type UpstreamStatus struct {
 	Active           int            `json:"active_connections"`
 	HealthyEndpoints int            `json:"healthy_endpoints"`
 	Endpoints        []EndpointInfo `json:"endpoints"`
+	// Chain is a service upstream's discovery chain: its legs, targets,
+	// the active target of each leg and every target's endpoints (nil for
+	// a prepared query, and until the chain is known).
+	Chain *upstream.ChainStatus `json:"chain,omitempty"`
 }
 
 // EndpointInfo is one endpoint and its balancing state.
@@ -301,6 +306,9 @@ type EndpointInfo struct {
 	Namespace           string     `json:"namespace,omitempty"`
 	Partition           string     `json:"partition,omitempty"`
 	Datacenter          string     `json:"datacenter,omitempty"`
+	Target              string     `json:"target,omitempty"`
+	Gateway             string     `json:"gateway,omitempty"`
+	Weight              int        `json:"weight,omitempty"`
 	Active              int64      `json:"active_connections"`
 	ConsecutiveFailures int64      `json:"consecutive_failures"`
 	TotalFailures       uint64     `json:"total_failures"`
@@ -333,7 +341,8 @@ func (p *Proxy) Upstreams() []UpstreamStatus {
 		for _, e := range ul.up.Endpoints() {
 			ei := EndpointInfo{
 				Addr: e.Addr, Node: e.Node, Service: e.Service, Namespace: e.Namespace, Partition: e.Partition,
-				Datacenter: e.Datacenter, Active: e.Active, ConsecutiveFailures: e.ConsecutiveFailures,
+				Datacenter: e.Datacenter, Target: e.Target, Gateway: e.Gateway, Weight: e.Weight,
+				Active: e.Active, ConsecutiveFailures: e.ConsecutiveFailures,
 				TotalFailures: e.TotalFailures, LastError: e.LastError,
 			}
 			if !e.LastFailure.IsZero() {
@@ -347,6 +356,7 @@ func (p *Proxy) Upstreams() []UpstreamStatus {
 			st.Endpoints = append(st.Endpoints, ei)
 		}
 		st.HealthyEndpoints = len(st.Endpoints)
+		st.Chain = ul.up.Chain()
 		out = append(out, st)
 	}
 	slices.SortFunc(out, func(a, b UpstreamStatus) int { return strings.Compare(a.Name+a.Listen, b.Name+b.Listen) })

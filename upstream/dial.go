@@ -5,9 +5,10 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net"
+	"net/netip"
 	"reflect"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -34,17 +35,44 @@ type DialResult struct {
 	Attempts int
 }
 
+// DialOptions describe the connection a Dial is for.
+type DialOptions struct {
+	// Source is the proxied connection's remote address. ring_hash and
+	// maglev with a SourceIP hash policy hash its IP; without one (a unix
+	// socket client) they pick at random.
+	Source net.Addr
+}
+
+func (o DialOptions) sourceIP() netip.Addr {
+	switch a := o.Source.(type) {
+	case *net.TCPAddr:
+		ip, _ := netip.AddrFromSlice(a.IP)
+		return ip.Unmap()
+	case nil:
+		return netip.Addr{}
+	}
+	if ap, err := netip.ParseAddrPort(o.Source.String()); err == nil {
+		return ap.Addr().Unmap()
+	}
+	return netip.Addr{}
+}
+
 // Dial picks an endpoint, dials it and completes the TLS handshake, verifying
-// that the server is the endpoint's service. Dialing and handshaking all
-// attempts share one deadline: ctx's, capped at the upstream's
-// ConnectTimeout. A failed attempt moves on to an endpoint not yet tried in
-// this Dial while there is one, up to MaxAttempts.
+// that the server is the endpoint's service. For a service upstream it
+// follows the discovery chain: a splitter leg drawn by weight, then the
+// leg's resolver's first target (primary, then failover targets in order)
+// that has healthy endpoints. Dialing and handshaking all attempts share
+// one deadline: ctx's, capped at the resolver's connect timeout (the
+// upstream's ConnectTimeout for a prepared query). A failed attempt moves
+// on to an endpoint of the target not yet tried in this Dial, up to
+// MaxAttempts per target, then to the next target; an attempt on a target
+// takes at most that target's own resolver timeout.
 //
 // The caller must call the returned release func once the proxied connection
 // ends, to decrement the endpoint's active count; calling it again is a no-op.
 // On error the conn and release func are nil.
-func (u *Upstream) Dial(ctx context.Context) (*tlsutil.Conn, DialResult, func(), error) {
-	c, res, release, err := u.dial(ctx, false)
+func (u *Upstream) Dial(ctx context.Context, opts DialOptions) (*tlsutil.Conn, DialResult, func(), error) {
+	c, res, release, err := u.dial(ctx, false, opts)
 	if err != nil {
 		return nil, res, nil, err
 	}
@@ -56,83 +84,149 @@ func (u *Upstream) Dial(ctx context.Context) (*tlsutil.Conn, DialResult, func(),
 // in a tunnel (a *tunnel.Conn). The first connection to an endpoint is a
 // classic one offering ALPNMux; if the peer selects it, that connection
 // becomes the endpoint's first tunnel.
-func (u *Upstream) DialConn(ctx context.Context) (net.Conn, DialResult, func(), error) {
-	return u.dial(ctx, u.pool != nil)
+func (u *Upstream) DialConn(ctx context.Context, opts DialOptions) (net.Conn, DialResult, func(), error) {
+	return u.dial(ctx, u.pool != nil, opts)
 }
 
-func (u *Upstream) dial(ctx context.Context, mux bool) (net.Conn, DialResult, func(), error) {
+func (u *Upstream) dial(ctx context.Context, mux bool, opts DialOptions) (net.Conn, DialResult, func(), error) {
 	caller := ctx
-	ctx, cancel := context.WithTimeout(ctx, u.cfg.ConnectTimeoutOrDefault())
-	defer cancel()
-
-	set, err := u.current(ctx)
+	rt, err := u.route(ctx)
 	if err != nil {
 		return nil, DialResult{}, nil, err
 	}
+	ctx, cancel := context.WithTimeout(ctx, rt.timeout)
+	defer cancel()
+
 	td := u.tls.TrustDomain()
 	if td == "" {
 		return nil, DialResult{}, nil, fmt.Errorf("upstream %s: trust domain not known yet", u.name)
 	}
-
-	tried := make([]bool, len(set.eps))
-	untried := len(set.eps)
+	var obuf [8]*targetSnap
+	order := rt.order(u.mono(), obuf[:0])
+	if len(order) == 0 {
+		return nil, DialResult{}, nil, fmt.Errorf("upstream %s: %w%s", u.name, ErrNoEndpoints, rt.describe())
+	}
+	// budget is the attempts a target gets: one per endpoint, at most
+	// MaxAttempts; the last target may retry endpoints up to MaxAttempts.
+	budget := func(k int) int {
+		if k == len(order)-1 {
+			return u.maxAttempts
+		}
+		return min(u.maxAttempts, len(order[k].set.eps))
+	}
+	// later[k] is the distinct endpoints planned after target k.
+	var lbuf [8]int
+	later := lbuf[:min(len(order), len(lbuf))]
+	if len(order) > len(lbuf) {
+		later = make([]int, len(order))
+	}
+	for k := len(order) - 2; k >= 0; k-- {
+		later[k] = later[k+1] + min(u.maxAttempts, len(order[k+1].set.eps))
+	}
+	planned := 0
+	for k := range order {
+		planned += budget(k)
+	}
+	src := opts.sourceIP()
 	var errs []error
 	attempt := 0
-	for attempt < u.maxAttempts && ctx.Err() == nil {
-		attempt++
-		i := u.pick(set.eps, tried)
-		e := set.eps[i]
-		// Split what is left of the deadline among the endpoints still to
-		// be tried, so that one that black-holes the dial or stalls the
-		// handshake cannot use up the time of every failover. The last
-		// planned attempt, and any retry of a tried endpoint, get all
-		// that is left.
-		share := max(1, min(u.maxAttempts-attempt+1, untried))
-		if !tried[i] {
-			tried[i] = true
-			untried--
-		}
+	stop := false
+	for k, t := range order {
+		set := t.set
+		tried := make([]bool, len(set.eps))
+		untried := len(set.eps)
+		b := budget(k)
+		for n := 0; n < b && ctx.Err() == nil; n++ {
+			attempt++
+			i := u.pick(set, &rt.lb, tried, src)
+			e := set.eps[i]
+			// Split what is left of the deadline among the endpoints still to
+			// be tried, in this target and the next ones, so that one that
+			// black-holes the dial or stalls the handshake cannot use up the
+			// time of every failover. The last planned attempt, and any
+			// retry of a tried endpoint, get all that is left.
+			share := max(1, min(b-n, untried)+later[k])
+			if !tried[i] {
+				tried[i] = true
+				untried--
+			}
 
-		e.st.active.Add(1)
-		c, err := u.dialOne(ctx, e, td, share, mux)
-		if err == nil {
-			u.succeeded(e.st)
-			var once atomic.Bool
-			return c, DialResult{e.Endpoint, attempt}, func() {
-				if once.CompareAndSwap(false, true) {
-					e.st.active.Add(-1)
-				}
-			}, nil
+			e.st.active.Add(1)
+			c, err := u.dialOne(ctx, e, td, share, t.ConnectTimeout, mux)
+			if err == nil {
+				u.succeeded(e.st)
+				var once atomic.Bool
+				return c, DialResult{e.Endpoint, attempt}, func() {
+					if once.CompareAndSwap(false, true) {
+						e.st.active.Add(-1)
+					}
+				}, nil
+			}
+			e.st.active.Add(-1)
+			errs = append(errs, fmt.Errorf("attempt %d to %s: %w", attempt, e.Endpoint, err))
+			if caller.Err() != nil || errors.Is(err, tunnel.ErrDenied) {
+				stop = true // the caller gave up, or intentions deny us: not the endpoint's fault
+				break
+			}
+			u.failed(e, attempt, err)
 		}
-		e.st.active.Add(-1)
-		errs = append(errs, fmt.Errorf("attempt %d to %s: %w", attempt, e.Endpoint, err))
-		if caller.Err() != nil || errors.Is(err, tunnel.ErrDenied) {
-			break // the caller gave up, or intentions deny us: not the endpoint's fault
+		if stop || ctx.Err() != nil {
+			break
 		}
-		u.failed(e, attempt, err)
 	}
-	if attempt < u.maxAttempts || caller.Err() != nil {
-		errs = append(errs, fmt.Errorf("gave up after %d of %d attempts: %w", attempt, u.maxAttempts, context.Cause(ctx)))
+	if attempt < planned || caller.Err() != nil {
+		errs = append(errs, fmt.Errorf("gave up after %d of %d attempts: %w", attempt, planned, context.Cause(ctx)))
 	}
 	return nil, DialResult{Attempts: attempt}, nil, fmt.Errorf("upstream %s: dial failed: %w", u.name, errors.Join(errs...))
 }
 
-// current returns the endpoint set for a Dial. Only a prepared query with
+// route returns what a Dial uses: for a service upstream a leg of its chain
+// (drawn by the splitter's weights), for a prepared query its one endpoint
+// set. Only a prepared query with nothing cached makes it wait for Consul.
+func (u *Upstream) route(ctx context.Context) (*route, error) {
+	if !u.isQuery() {
+		snap := u.snap.Load()
+		if snap == nil {
+			return nil, fmt.Errorf("upstream %s: %w: discovery chain not known yet", u.name, ErrNoEndpoints)
+		}
+		return snap.pickLeg(), nil
+	}
+	set, err := u.current(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &route{
+		name: u.name, timeout: u.cfg.ConnectTimeoutOrDefault(), lb: defaultBalancer,
+		targets: []*targetSnap{{set: set}},
+	}, nil
+}
+
+// describe says, for an error, which targets were considered.
+func (r *route) describe() string {
+	if len(r.targets) == 1 && r.targets[0].ID == "" {
+		return ""
+	}
+	var ids []string
+	for _, t := range r.targets {
+		ids = append(ids, t.ID)
+	}
+	return " in targets " + strings.Join(ids, ", ")
+}
+
+// current returns the endpoint set of a prepared query. Only one with
 // nothing cached makes it wait for Consul.
 func (u *Upstream) current(ctx context.Context) (*endpointSet, error) {
 	set := u.set.Load()
-	if u.isQuery() {
-		switch {
-		case set == nil:
-			var err error
-			if set, err = u.firstQuery(ctx); err != nil {
-				return nil, err
-			}
-		case time.Since(set.fetched) >= u.queryTTL:
-			select {
-			case u.kick <- struct{}{}:
-			default: // a refresh is already asked for
-			}
+	switch {
+	case set == nil:
+		var err error
+		if set, err = u.firstQuery(ctx); err != nil {
+			return nil, err
+		}
+	case time.Since(set.fetched) >= u.queryTTL:
+		select {
+		case u.kick <- struct{}{}:
+		default: // a refresh is already asked for
 		}
 	}
 	if set == nil {
@@ -148,13 +242,18 @@ func (u *Upstream) current(ctx context.Context) (*endpointSet, error) {
 // get it this time.
 var errNotMux = errors.New("peer no longer selects " + tlsutil.ALPNMux)
 
-func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share int, mux bool) (net.Conn, error) {
-	if share > 1 {
-		if dl, ok := ctx.Deadline(); ok {
-			var cancel context.CancelFunc
-			ctx, cancel = context.WithTimeout(ctx, time.Until(dl)/time.Duration(share))
-			defer cancel()
+// dialOne makes one attempt on ep with 1/share of what is left of ctx's
+// deadline, and at most limit (a failover target's own resolver timeout;
+// 0: no limit).
+func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share int, limit time.Duration, mux bool) (net.Conn, error) {
+	if dl, ok := ctx.Deadline(); ok && (share > 1 || limit > 0) {
+		d := time.Until(dl) / time.Duration(max(share, 1))
+		if limit > 0 {
+			d = min(d, limit)
 		}
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, d)
+		defer cancel()
 	}
 	e := ep.Endpoint
 	id := tlsutil.ServiceID(td, e.Partition, e.Namespace, e.Datacenter, e.Service)
@@ -163,10 +262,19 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 	// listeners ignore SNI, and a gateway on the path routes service SNIs,
 	// while a query SNI only means something to an Envoy cluster built for
 	// that query.
-	sni := tlsutil.ServiceSNI(e.Service, e.Namespace, e.Partition, e.Datacenter, td)
+	//
+	// A chain target's endpoints carry the target's SNI (a subset's
+	// starts with the subset name), which mesh gateways route on.
+	sni := e.SNI
+	if sni == "" {
+		sni = tlsutil.ServiceSNI(e.Service, e.Namespace, e.Partition, e.Datacenter, td)
+	}
 	var opts tlsutil.ClientOptions
 	gen := u.tls.Generation() // a rotation drains the tunnels of the old one
-	key := e.Addr + "|" + id.String()
+	// One tunnel per address, identity and SNI: through a mesh gateway the
+	// SNI picks the instances (a subset), so streams for two subsets must
+	// not share a tunnel.
+	key := e.Addr + "|" + id.String() + "|" + sni
 	switch ep.st.peer.kind() {
 	case peerStrait:
 		opts.ResumeKey = e.Addr
@@ -266,45 +374,6 @@ func isALPNRefused(err error) bool {
 	}
 	v := reflect.ValueOf(oe.Err)
 	return v.Type().PkgPath() == "crypto/tls" && v.Kind() == reflect.Uint8 && v.Uint() == alertNoApplicationProtocol
-}
-
-// pick chooses among the endpoints not tried yet and not ejected, else among
-// those not tried yet, else among all, by the power of two random choices:
-// of two distinct random candidates, the one with fewer active connections.
-func (u *Upstream) pick(eps []*endpoint, tried []bool) int {
-	now := u.mono()
-	var buf [64]int
-	cand := buf[:0]
-	for i, e := range eps {
-		if !tried[i] && e.st.ejectedUntil.Load() <= now {
-			cand = append(cand, i)
-		}
-	}
-	if len(cand) == 0 {
-		for i := range eps {
-			if !tried[i] {
-				cand = append(cand, i)
-			}
-		}
-	}
-	if len(cand) == 0 {
-		for i := range eps {
-			cand = append(cand, i)
-		}
-	}
-	if len(cand) == 1 {
-		return cand[0]
-	}
-	a := rand.IntN(len(cand))
-	b := rand.IntN(len(cand) - 1)
-	if b >= a {
-		b++
-	}
-	i, j := cand[a], cand[b]
-	if eps[j].st.active.Load() < eps[i].st.active.Load() {
-		return j
-	}
-	return i
 }
 
 func (u *Upstream) succeeded(st *endpointStats) {

@@ -14,46 +14,23 @@ import (
 	"github.com/straitproxy/strait/internal/watch"
 )
 
-// Run keeps the endpoint set current until ctx is done. Call it once.
+// Run keeps the endpoints current until ctx is done. Call it once.
 //
-// A service upstream is a blocking watch of /v1/health/connect/<name> with
-// passing=1. A prepared query upstream is executed at once and then again
-// whenever a Dial finds the answer older than QueryTTL. Errors back off
-// (see watch.Loop) and leave the last good set in place.
+// A service upstream follows its discovery chain (runChain): a blocking
+// watch of the compiled chain, and blocking watches of each target's
+// instances and, for targets behind mesh gateways, of the gateways. A
+// prepared query upstream is executed at once and then again whenever a
+// Dial finds the answer older than QueryTTL. Errors back off (see
+// watch.Loop) and leave the last good answers in place.
 func (u *Upstream) Run(ctx context.Context) {
 	if u.isQuery() {
 		u.runQuery(ctx)
 		return
 	}
-	u.watchService(ctx)
+	u.runChain(ctx)
 }
 
 func (u *Upstream) isQuery() bool { return u.cfg.Type() == config.TypePreparedQuery }
-
-func (u *Upstream) watchService(ctx context.Context) {
-	name := u.cfg.DestinationName
-	watch.Loop(ctx, u.log, "health/connect/"+name, watch.Backoff{}, func(ctx context.Context, index uint64) (uint64, error) {
-		q := &api.QueryOptions{
-			Datacenter: u.cfg.Datacenter,
-			Namespace:  u.cfg.DestinationNamespace,
-			Partition:  u.cfg.DestinationPartition,
-			WaitIndex:  index,
-			UseCache:   true,
-		}
-		entries, meta, err := u.client.Health().Connect(name, "", true, q.WithContext(ctx))
-		if err != nil {
-			return 0, fmt.Errorf("upstream %s: health query: %w", u.name, err)
-		}
-		eps := make([]Endpoint, 0, len(entries))
-		for _, e := range entries {
-			if ep, ok := u.endpointOf(e, u.cfg.DestinationNamespace, u.cfg.DestinationPartition, ""); ok {
-				eps = append(eps, ep)
-			}
-		}
-		u.store(eps)
-		return meta.LastIndex, nil
-	})
-}
 
 func (u *Upstream) runQuery(ctx context.Context) {
 	watch.Loop(ctx, u.log, "query/"+u.cfg.DestinationName, watch.Backoff{}, func(ctx context.Context, _ uint64) (uint64, error) {

@@ -1,12 +1,14 @@
 package upstream
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -125,9 +127,16 @@ func startTLSServer(t testing.TB, ca *testutil.CA, service string) *tlsServer {
 // service; {tlsutil.ALPNStrait}: a strait proxy).
 func startTLSServerProtos(t testing.TB, ca *testutil.CA, service string, protos []string) *tlsServer {
 	t.Helper()
+	return startTLSServerOpts(t, ca, service, protos, testutil.LeafOptions{})
+}
+
+// startTLSServerOpts is startTLSServerProtos with a leaf made with lo (a
+// service in another datacenter).
+func startTLSServerOpts(t testing.TB, ca *testutil.CA, service string, protos []string, lo testutil.LeafOptions) *tlsServer {
+	t.Helper()
 	ln := listen(t)
 	s := &tlsServer{addr: ln.Addr().String(), port: ln.Addr().(*net.TCPAddr).Port}
-	cert := ca.Leaf(t, service, testutil.LeafOptions{}).Cert
+	cert := ca.Leaf(t, service, lo).Cert
 	cfg := &tls.Config{
 		Certificates: []tls.Certificate{cert},
 		ClientAuth:   tls.RequireAndVerifyClientCert,
@@ -244,14 +253,17 @@ type fakeAgent struct {
 	t   testing.TB
 	srv *httptest.Server
 
-	mu      sync.Mutex
-	index   uint64
-	entries []*api.ServiceEntry
-	changed chan struct{} // closed and replaced on every change
-	failing bool
-	pq      *api.PreparedQueryExecuteResponse
-	pqGate  chan struct{} // when set, executes after the first wait on it
-	queries []url.Values  // every request's query, in order
+	mu        sync.Mutex
+	index     uint64
+	entries   []*api.ServiceEntry
+	chains    map[string]*api.CompiledDiscoveryChain // by name; absent: a default chain
+	gateways  map[string][]*api.ServiceEntry         // mesh gateway instances by datacenter
+	changed   chan struct{}                          // closed and replaced on every change
+	failing   bool
+	pq        *api.PreparedQueryExecuteResponse
+	pqGate    chan struct{} // when set, executes after the first wait on it
+	queries   []url.Values  // every request's query, in order
+	chainReqs []chainReq
 
 	healthCalls   atomic.Int64
 	failedCalls   atomic.Int64
@@ -261,7 +273,7 @@ type fakeAgent struct {
 }
 
 func newFakeAgent(t testing.TB) *fakeAgent {
-	a := &fakeAgent{t: t, index: 10, changed: make(chan struct{})}
+	a := &fakeAgent{t: t, index: 10, changed: make(chan struct{}), chains: map[string]*api.CompiledDiscoveryChain{}, gateways: map[string][]*api.ServiceEntry{}}
 	a.srv = httptest.NewServer(http.HandlerFunc(a.serve))
 	t.Cleanup(a.srv.Close)
 	return a
@@ -279,6 +291,30 @@ func (a *fakeAgent) setEntries(es ...*api.ServiceEntry) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.entries = es
+	a.index++
+	close(a.changed)
+	a.changed = make(chan struct{})
+}
+
+// setChain makes name's discovery chain c (nil: the default chain).
+func (a *fakeAgent) setChain(name string, c *api.CompiledDiscoveryChain) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if c == nil {
+		delete(a.chains, name)
+	} else {
+		a.chains[name] = c
+	}
+	a.index++
+	close(a.changed)
+	a.changed = make(chan struct{})
+}
+
+// setGateways makes es the mesh gateway instances of dc.
+func (a *fakeAgent) setGateways(dc string, es ...*api.ServiceEntry) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.gateways[dc] = es
 	a.index++
 	close(a.changed)
 	a.changed = make(chan struct{})
@@ -311,6 +347,14 @@ func (a *fakeAgent) serve(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case strings.HasPrefix(r.URL.Path, "/v1/health/connect/"):
 		a.serveHealth(w, r)
+	case strings.HasPrefix(r.URL.Path, "/v1/discovery-chain/"):
+		a.serveChain(w, r)
+	case r.URL.Path == "/v1/catalog/services":
+		a.serveGatewayNames(w, r)
+	case strings.HasPrefix(r.URL.Path, "/v1/health/service/"):
+		a.serveGateways(w, r)
+	case r.URL.Path == "/v1/agent/self":
+		writeJSON(w, map[string]any{"Config": map[string]any{"Datacenter": "dc1"}})
 	case strings.HasPrefix(r.URL.Path, "/v1/query/") && strings.HasSuffix(r.URL.Path, "/execute"):
 		a.serveQuery(w, r)
 	default:
@@ -318,18 +362,16 @@ func (a *fakeAgent) serve(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-func (a *fakeAgent) serveHealth(w http.ResponseWriter, r *http.Request) {
-	a.healthCalls.Add(1)
-	q := r.URL.Query()
-	want, _ := strconv.ParseUint(q.Get("index"), 10, 64)
-	// Block like Consul while the client's index is current. The real
-	// agent waits up to 5 minutes; a short wait keeps the test snappy.
+// block answers r like a Consul blocking query: at once when the client's
+// index is stale, else when something changes (or after a short wait).
+func (a *fakeAgent) block(w http.ResponseWriter, r *http.Request, answer func() (any, int)) {
+	want, _ := strconv.ParseUint(r.URL.Query().Get("index"), 10, 64)
+	// The real agent waits up to 5 minutes; a short wait keeps the test snappy.
 	timeout := time.NewTimer(2 * time.Second)
 	defer timeout.Stop()
 	for {
 		a.mu.Lock()
 		idx, failing, changed := a.index, a.failing, a.changed
-		entries := a.entries
 		a.mu.Unlock()
 		if failing {
 			a.failedCalls.Add(1)
@@ -337,15 +379,13 @@ func (a *fakeAgent) serveHealth(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		if want == 0 || want < idx {
-			var out []*api.ServiceEntry
-			for _, e := range entries {
-				if q.Has("passing") && e.Checks.AggregatedStatus() != api.HealthPassing {
-					continue
-				}
-				out = append(out, e)
+			v, code := answer()
+			if code != http.StatusOK {
+				http.Error(w, fmt.Sprint(v), code)
+				return
 			}
 			w.Header().Set("X-Consul-Index", strconv.FormatUint(idx, 10))
-			writeJSON(w, out)
+			writeJSON(w, v)
 			return
 		}
 		select {
@@ -356,6 +396,205 @@ func (a *fakeAgent) serveHealth(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+}
+
+// servedService is the service an entry serves.
+func servedService(e *api.ServiceEntry) string {
+	if e.Service.Proxy != nil && e.Service.Proxy.DestinationServiceName != "" {
+		return e.Service.Proxy.DestinationServiceName
+	}
+	return e.Service.Service
+}
+
+// matchFilter evaluates the one bexpr form the tests use:
+// Service.Meta.<key> == "<value>" (or !=).
+func matchFilter(filter string, e *api.ServiceEntry) (bool, error) {
+	if filter == "" {
+		return true, nil
+	}
+	for _, op := range []string{"==", "!="} {
+		lhs, rhs, ok := strings.Cut(filter, " "+op+" ")
+		if !ok {
+			continue
+		}
+		key, ok := strings.CutPrefix(strings.TrimSpace(lhs), "Service.Meta.")
+		if !ok {
+			break
+		}
+		val, err := strconv.Unquote(strings.TrimSpace(rhs))
+		if err != nil {
+			break
+		}
+		eq := e.Service.Meta[key] == val
+		return eq == (op == "=="), nil
+	}
+	return false, fmt.Errorf("filter %q not understood by the fake agent", filter)
+}
+
+func (a *fakeAgent) serveHealth(w http.ResponseWriter, r *http.Request) {
+	a.healthCalls.Add(1)
+	q := r.URL.Query()
+	name := strings.TrimPrefix(r.URL.Path, "/v1/health/connect/")
+	dc := cmp.Or(q.Get("dc"), "dc1")
+	a.block(w, r, func() (any, int) {
+		a.mu.Lock()
+		entries := a.entries
+		a.mu.Unlock()
+		out := []*api.ServiceEntry{}
+		for _, e := range entries {
+			if servedService(e) != name || cmp.Or(e.Node.Datacenter, "dc1") != dc {
+				continue
+			}
+			if q.Has("passing") && e.Checks.AggregatedStatus() != api.HealthPassing {
+				continue
+			}
+			ok, err := matchFilter(q.Get("filter"), e)
+			if err != nil {
+				return err.Error(), http.StatusBadRequest
+			}
+			if ok {
+				out = append(out, e)
+			}
+		}
+		return out, http.StatusOK
+	})
+}
+
+func (a *fakeAgent) serveChain(w http.ResponseWriter, r *http.Request) {
+	name := strings.TrimPrefix(r.URL.Path, "/v1/discovery-chain/")
+	q := r.URL.Query()
+	var body []byte
+	if r.Method == http.MethodPost {
+		body, _ = io.ReadAll(r.Body)
+	}
+	a.mu.Lock()
+	a.chainReqs = append(a.chainReqs, chainReq{method: r.Method, query: q, body: string(body)})
+	a.mu.Unlock()
+	a.block(w, r, func() (any, int) {
+		a.mu.Lock()
+		c := a.chains[name]
+		a.mu.Unlock()
+		if c == nil {
+			c = newChain(name).resolve(tgt(name, "", cmp.Or(q.Get("compile-dc"), "dc1")), nil)
+		}
+		return map[string]any{"Chain": c}, http.StatusOK
+	})
+}
+
+func (a *fakeAgent) serveGatewayNames(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	dc := cmp.Or(q.Get("dc"), "dc1")
+	if q.Get("filter") != `ServiceKind == "mesh-gateway"` {
+		http.Error(w, "unexpected filter "+q.Get("filter"), http.StatusBadRequest)
+		return
+	}
+	a.block(w, r, func() (any, int) {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		out := map[string][]string{}
+		for _, e := range a.gateways[dc] {
+			out[e.Service.Service] = nil
+		}
+		return out, http.StatusOK
+	})
+}
+
+func (a *fakeAgent) serveGateways(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	dc := cmp.Or(q.Get("dc"), "dc1")
+	name := strings.TrimPrefix(r.URL.Path, "/v1/health/service/")
+	a.block(w, r, func() (any, int) {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		out := []*api.ServiceEntry{}
+		for _, e := range a.gateways[dc] {
+			if e.Service.Service == name && (!q.Has("passing") || e.Checks.AggregatedStatus() == api.HealthPassing) {
+				out = append(out, e)
+			}
+		}
+		return out, http.StatusOK
+	})
+}
+
+type chainReq struct {
+	method string
+	query  url.Values
+	body   string
+}
+
+func (a *fakeAgent) chainRequests() []chainReq {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]chainReq(nil), a.chainReqs...)
+}
+
+// tgt is a chain target as Consul compiles it (default namespace and
+// partition).
+func tgt(svc, subset, dc string) *api.DiscoveryTarget {
+	id := svc + ".default.default." + dc
+	sni := svc + ".default." + dc + ".internal." + testTD
+	if subset != "" {
+		id, sni = subset+"."+id, subset+"."+sni
+	}
+	return &api.DiscoveryTarget{
+		ID: id, Service: svc, ServiceSubset: subset, Namespace: "default", Datacenter: dc,
+		SNI: sni, Name: sni, ConnectTimeout: 5 * time.Second,
+	}
+}
+
+// chainBuilder assembles a compiled chain node by node.
+type chainBuilder struct{ c *api.CompiledDiscoveryChain }
+
+func newChain(name string) *chainBuilder {
+	return &chainBuilder{&api.CompiledDiscoveryChain{
+		ServiceName: name, Namespace: "default", Datacenter: "dc1", Protocol: "tcp",
+		Nodes: map[string]*api.DiscoveryGraphNode{}, Targets: map[string]*api.DiscoveryTarget{},
+	}}
+}
+
+// resolver adds a resolver node for primary with failover targets and
+// returns its key.
+func (b *chainBuilder) resolver(primary *api.DiscoveryTarget, lb *api.LoadBalancer, failover ...*api.DiscoveryTarget) string {
+	key := "resolver:" + primary.ID
+	r := &api.DiscoveryResolver{Target: primary.ID, ConnectTimeout: primary.ConnectTimeout}
+	b.c.Targets[primary.ID] = primary
+	if len(failover) > 0 {
+		r.Failover = &api.DiscoveryFailover{}
+		for _, f := range failover {
+			b.c.Targets[f.ID] = f
+			r.Failover.Targets = append(r.Failover.Targets, f.ID)
+		}
+	}
+	b.c.Nodes[key] = &api.DiscoveryGraphNode{Type: api.DiscoveryGraphNodeTypeResolver, Name: primary.ID, Resolver: r, LoadBalancer: lb}
+	return key
+}
+
+// resolve makes a resolver the start node and returns the chain.
+func (b *chainBuilder) resolve(primary *api.DiscoveryTarget, lb *api.LoadBalancer, failover ...*api.DiscoveryTarget) *api.CompiledDiscoveryChain {
+	return b.start(b.resolver(primary, lb, failover...))
+}
+
+func (b *chainBuilder) splitter(name string, splits ...*api.DiscoverySplit) string {
+	key := "splitter:" + name
+	b.c.Nodes[key] = &api.DiscoveryGraphNode{Type: api.DiscoveryGraphNodeTypeSplitter, Name: name, Splits: splits}
+	b.c.Protocol = "http"
+	return key
+}
+
+func (b *chainBuilder) router(name string, next ...string) string {
+	key := "router:" + name
+	n := &api.DiscoveryGraphNode{Type: api.DiscoveryGraphNodeTypeRouter, Name: name}
+	for _, nx := range next {
+		n.Routes = append(n.Routes, &api.DiscoveryRoute{NextNode: nx})
+	}
+	b.c.Nodes[key] = n
+	b.c.Protocol = "http"
+	return key
+}
+
+func (b *chainBuilder) start(key string) *api.CompiledDiscoveryChain {
+	b.c.StartNode = key
+	return b.c
 }
 
 func (a *fakeAgent) serveQuery(w http.ResponseWriter, r *http.Request) {
@@ -419,6 +658,15 @@ func serviceUpstream(name string) config.Upstream {
 	return config.Upstream{DestinationName: name, LocalBindPort: 9191, ConnectTimeout: 5 * time.Second}
 }
 
+// chainTimeout is a chain with one target whose resolver's connect timeout
+// is d, as Consul compiles one for an upstream with connect_timeout_ms
+// (the fake agent does not apply overrides itself).
+func chainTimeout(name string, d time.Duration) *api.CompiledDiscoveryChain {
+	t := tgt(name, "", "dc1")
+	t.ConnectTimeout = d
+	return newChain(name).resolve(t, nil)
+}
+
 func newUpstream(t testing.TB, cfg config.Upstream, opts Options) *Upstream {
 	t.Helper()
 	u, err := New(cfg, opts)
@@ -473,10 +721,21 @@ func statusOf(t testing.TB, u *Upstream, addr string) EndpointStatus {
 // load adds n to the active count of the endpoint at addr, to steer P2C.
 func load(t testing.TB, u *Upstream, addr string, n int64) {
 	t.Helper()
-	for _, e := range u.set.Load().eps {
-		if e.Addr == addr {
-			e.st.active.Add(n)
-			return
+	sets := []*endpointSet{u.set.Load()}
+	if snap := u.snap.Load(); snap != nil {
+		for _, t := range snap.targets {
+			sets = append(sets, t.set)
+		}
+	}
+	for _, s := range sets {
+		if s == nil {
+			continue
+		}
+		for _, e := range s.eps {
+			if e.Addr == addr {
+				e.st.active.Add(n)
+				return
+			}
 		}
 	}
 	t.Fatalf("no endpoint %s", addr)
@@ -485,7 +744,7 @@ func load(t testing.TB, u *Upstream, addr string, n int64) {
 // dialOK dials and checks the peer is the service named want.
 func dialOK(t testing.TB, u *Upstream, want string) DialResult {
 	t.Helper()
-	conn, res, release, err := u.Dial(context.Background())
+	conn, res, release, err := u.Dial(context.Background(), DialOptions{})
 	if err != nil {
 		t.Fatalf("Dial: %v", err)
 	}

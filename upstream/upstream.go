@@ -45,24 +45,49 @@ type TLS interface {
 	Generation() string
 }
 
-// Endpoint is one instance of the destination, as discovered in Consul.
+// Endpoint is one instance of the destination, as discovered in Consul, or
+// a mesh gateway that leads to the destination.
 type Endpoint struct {
-	Addr string // host:port of the peer's public listener
-	Node string
+	// Addr is the host:port dialed: the peer's public listener (its LAN
+	// address in this datacenter, its WAN address in another), or a mesh
+	// gateway's when Gateway is set.
+	Addr string `json:"addr"`
+	Node string `json:"node,omitempty"`
 	// Service is the destination service the peer serves, which its leaf
 	// certificate names: Proxy.DestinationServiceName for connect-proxy
-	// entries, Service.Service for Connect-native ones.
-	Service    string
-	Namespace  string // "default" when Consul does not say
-	Partition  string // "default" when Consul does not say
-	Datacenter string // the node's; else the upstream's or the local one
+	// entries, Service.Service for Connect-native ones. Through a gateway
+	// it is still the final service: TLS runs end to end.
+	Service    string `json:"service"`
+	Namespace  string `json:"namespace"`  // "default" when Consul does not say
+	Partition  string `json:"partition"`  // "default" when Consul does not say
+	Datacenter string `json:"datacenter"` // the node's (a chain target's); else the upstream's or the local one
+
+	// Target is the discovery chain target the endpoint belongs to (its
+	// ID); empty for a prepared query.
+	Target string `json:"target,omitempty"`
+	// SNI is the server name to send; empty means Consul's service SNI
+	// for Service, Namespace, Partition and Datacenter.
+	SNI string `json:"sni,omitempty"`
+	// Gateway is "local" or "remote" when Addr is a mesh gateway of this
+	// or of the target's datacenter; empty for a direct dial.
+	Gateway string `json:"gateway,omitempty"`
+	// Weight is the instance's Weights.Passing (Weights.Warning while a
+	// check warns), 1 to 128; 0 means 1.
+	Weight int `json:"weight,omitempty"`
 }
 
+// weight returns Weight with its default.
+func (e Endpoint) weight() int { return max(e.Weight, 1) }
+
 func (e Endpoint) String() string {
-	if e.Node == "" {
-		return e.Addr + " (" + e.Service + ")"
+	via := ""
+	if e.Gateway != "" {
+		via = " via " + e.Gateway + " gateway"
 	}
-	return e.Addr + " (" + e.Service + " on " + e.Node + ")"
+	if e.Node == "" {
+		return e.Addr + " (" + e.Service + via + ")"
+	}
+	return e.Addr + " (" + e.Service + " on " + e.Node + via + ")"
 }
 
 // EndpointStatus is an endpoint with its balancing state, for admin output.
@@ -70,24 +95,26 @@ type EndpointStatus struct {
 	Endpoint
 	// Active counts connections dialed to the endpoint and not yet released,
 	// including dials in progress.
-	Active int64
+	Active int64 `json:"active_connections"`
 	// ConsecutiveFailures counts dial or handshake failures since the last
 	// success; TotalFailures counts them since the endpoint was first seen.
-	ConsecutiveFailures int64
-	TotalFailures       uint64
-	LastError           string
-	LastFailure         time.Time
+	ConsecutiveFailures int64     `json:"consecutive_failures"`
+	TotalFailures       uint64    `json:"total_failures"`
+	LastError           string    `json:"last_error,omitempty"`
+	LastFailure         time.Time `json:"last_failure,omitzero"`
 	// EjectedUntil is when balancing stops skipping the endpoint; zero when
 	// it is not skipped.
-	EjectedUntil time.Time
+	EjectedUntil time.Time `json:"ejected_until,omitzero"`
 }
 
 // Options are the dependencies and tunables of an Upstream.
 type Options struct {
 	Client *api.Client // required
 	TLS    TLS         // required
-	// LocalDatacenter is the expected datacenter of endpoints when neither
-	// Consul's answer nor the upstream names one.
+	// LocalDatacenter is the agent's datacenter: the expected datacenter
+	// of endpoints when neither Consul's answer nor the upstream names one,
+	// and what makes a chain target cross-datacenter (WAN addresses, mesh
+	// gateways). Empty means Run asks the agent (/v1/agent/self).
 	LocalDatacenter string
 	Logger          hclog.Logger // nil means no logging
 	// QueryTTL is how long a prepared query answer is used before it is
@@ -102,6 +129,10 @@ type Options struct {
 	// tlsutil.ALPNMux as streams in pooled tunnels (DialConn). It may be
 	// shared by upstreams.
 	Tunnels *tunnel.Pool
+	// Catalog, when set, runs the health and gateway watches of chain
+	// targets, shared with other upstreams using it; nil means a Catalog
+	// of the upstream's own, run by Run.
+	Catalog *Catalog
 }
 
 // Upstream discovers and dials the endpoints of one configured upstream.
@@ -122,7 +153,12 @@ type Upstream struct {
 	// deadlines are stored in, so that wall-clock steps do not matter.
 	epoch time.Time
 
+	// set is a prepared query's endpoint set; snap a service upstream's
+	// discovery chain with its targets' endpoint sets.
 	set       atomic.Pointer[endpointSet]
+	snap      atomic.Pointer[chainSnap]
+	catalog   *Catalog
+	localDC   string // Options.LocalDatacenter, or the agent's
 	ready     chan struct{}
 	readyOnce sync.Once
 
@@ -159,6 +195,8 @@ func New(u config.Upstream, opts Options) (*Upstream, error) {
 		pool:        opts.Tunnels,
 		log:         opts.Logger,
 		dc:          cmp.Or(u.Datacenter, opts.LocalDatacenter),
+		localDC:     opts.LocalDatacenter,
+		catalog:     opts.Catalog,
 		queryTTL:    opts.QueryTTL,
 		maxAttempts: opts.MaxAttempts,
 		netDialer:   opts.NetDialer,
@@ -188,18 +226,30 @@ func New(u config.Upstream, opts Options) (*Upstream, error) {
 func (u *Upstream) String() string { return u.name }
 
 // Ready is closed after the first successful endpoint fetch, even if it
-// found no endpoint.
+// found no endpoint; for a service upstream, once its discovery chain is
+// known and every target's first endpoint query has finished.
 func (u *Upstream) Ready() <-chan struct{} { return u.ready }
 
-// Endpoints reports the current endpoint set with its balancing state,
-// sorted by address.
+// Endpoints reports the current endpoints with their balancing state: a
+// prepared query's, sorted by address, or those of every target of a
+// chain, by target and address.
 func (u *Upstream) Endpoints() []EndpointStatus {
-	set := u.set.Load()
+	if snap := u.snap.Load(); snap != nil {
+		var out []EndpointStatus
+		for _, t := range snap.targets {
+			out = u.statusOf(out, t.set)
+		}
+		return out
+	}
+	return u.statusOf(nil, u.set.Load())
+}
+
+// statusOf appends the endpoints of set with their balancing state.
+func (u *Upstream) statusOf(out []EndpointStatus, set *endpointSet) []EndpointStatus {
 	if set == nil {
-		return nil
+		return out
 	}
 	now := u.mono()
-	out := make([]EndpointStatus, 0, len(set.eps))
 	for _, ep := range set.eps {
 		st := ep.st
 		s := EndpointStatus{
@@ -218,10 +268,14 @@ func (u *Upstream) Endpoints() []EndpointStatus {
 	return out
 }
 
-// endpointSet is one discovery answer. It is never mutated once stored.
+// endpointSet is one discovery answer (a prepared query's, or one chain
+// target's). Its endpoints are never mutated once stored; the balancers'
+// state built from them lives here too, so that it is rebuilt only when
+// the endpoints change.
 type endpointSet struct {
 	eps     []*endpoint // sorted by address, no duplicate keys
 	fetched time.Time
+	lb      lbState
 }
 
 type endpoint struct {
@@ -229,10 +283,11 @@ type endpoint struct {
 	st *endpointStats
 }
 
-// endpointKey identifies an endpoint across discovery answers.
-type endpointKey struct{ addr, service string }
+// endpointKey identifies an endpoint across discovery answers. One mesh
+// gateway is as many endpoints as the targets it leads to.
+type endpointKey struct{ addr, service, target string }
 
-func keyOf(e Endpoint) endpointKey { return endpointKey{e.Addr, e.Service} }
+func keyOf(e Endpoint) endpointKey { return endpointKey{e.Addr, e.Service, e.Target} }
 
 type endpointStats struct {
 	active      atomic.Int64
@@ -252,17 +307,18 @@ type endpointStats struct {
 // mono is nanoseconds since u.epoch on the monotonic clock.
 func (u *Upstream) mono() int64 { return int64(time.Since(u.epoch)) }
 
-// store makes eps the current endpoint set and returns it.
-func (u *Upstream) store(eps []Endpoint) *endpointSet {
+// sortEndpoints sorts eps by address and drops duplicate keys.
+func sortEndpoints(eps []Endpoint) []Endpoint {
 	slices.SortFunc(eps, func(a, b Endpoint) int {
-		return cmp.Or(cmp.Compare(a.Addr, b.Addr), cmp.Compare(a.Service, b.Service))
+		return cmp.Or(cmp.Compare(a.Addr, b.Addr), cmp.Compare(a.Service, b.Service), cmp.Compare(a.Target, b.Target))
 	})
-	eps = slices.CompactFunc(eps, func(a, b Endpoint) bool { return keyOf(a) == keyOf(b) })
+	return slices.CompactFunc(eps, func(a, b Endpoint) bool { return keyOf(a) == keyOf(b) })
+}
 
-	u.statsMu.Lock()
-	defer u.statsMu.Unlock()
+// newSet makes a set of eps (sorted, deduplicated) with their stats.
+// statsMu is held.
+func (u *Upstream) newSet(eps []Endpoint) *endpointSet {
 	set := &endpointSet{eps: make([]*endpoint, len(eps)), fetched: time.Now()}
-	live := make(map[endpointKey]struct{}, len(eps))
 	for i, e := range eps {
 		k := keyOf(e)
 		st := u.stats[k]
@@ -270,16 +326,39 @@ func (u *Upstream) store(eps []Endpoint) *endpointSet {
 			st = new(endpointStats)
 			u.stats[k] = st
 		}
-		live[k] = struct{}{}
 		set.eps[i] = &endpoint{Endpoint: e, st: st}
 	}
-	// Forget endpoints that left the set, but only once their connections
-	// are gone: if one comes back meanwhile its count is still right.
+	return set
+}
+
+// forgetStats drops the stats of endpoints in no live set, but only once
+// their connections are gone: if one comes back meanwhile its count is
+// still right. statsMu is held.
+func (u *Upstream) forgetStats(live ...*endpointSet) {
+	keep := map[endpointKey]struct{}{}
+	for _, s := range live {
+		if s == nil {
+			continue
+		}
+		for _, e := range s.eps {
+			keep[keyOf(e.Endpoint)] = struct{}{}
+		}
+	}
 	for k, st := range u.stats {
-		if _, ok := live[k]; !ok && st.active.Load() == 0 {
+		if _, ok := keep[k]; !ok && st.active.Load() == 0 {
 			delete(u.stats, k)
 		}
 	}
+}
+
+// store makes eps the current endpoint set of a prepared query and
+// returns it.
+func (u *Upstream) store(eps []Endpoint) *endpointSet {
+	eps = sortEndpoints(eps)
+	u.statsMu.Lock()
+	defer u.statsMu.Unlock()
+	set := u.newSet(eps)
+	u.forgetStats(set)
 	old := u.set.Swap(set)
 
 	if old == nil || !slices.EqualFunc(old.eps, set.eps, func(a, b *endpoint) bool { return a.Endpoint == b.Endpoint }) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -125,19 +126,24 @@ func TestWatchUsesOnlyHealthyEndpoints(t *testing.T) {
 	run(t, u)
 	waitReady(t, u)
 
-	if got := addrs(u.Endpoints()); !slices.Equal(got, []string{good.addr}) {
-		t.Fatalf("endpoints = %v, want only %s", got, good.addr)
+	// Consul's rule for a subset without OnlyPassing: a warning instance
+	// is healthy, a critical one is not.
+	want := []string{good.addr, warn.addr}
+	slices.Sort(want)
+	if got := addrs(u.Endpoints()); !slices.Equal(got, want) {
+		t.Fatalf("endpoints = %v, want %v", got, want)
 	}
-	q := f.agent.requests()[0]
-	if !q.Has("passing") || !q.Has("cached") {
-		t.Errorf("health query %v lacks passing or cached", q)
-	}
-	for range 5 {
-		if ep := dialOK(t, u, "db"); ep.Addr != good.addr {
-			t.Fatalf("dialed %s, want %s", ep.Addr, good.addr)
+	for _, q := range f.agent.requests() {
+		if !q.Has("cached") {
+			t.Errorf("query %v does not use the agent cache", q)
 		}
 	}
-	if warn.conns.Load()+crit.conns.Load() != 0 {
+	for range 10 {
+		if ep := dialOK(t, u, "db"); ep.Addr == crit.addr {
+			t.Fatalf("dialed the critical endpoint %s", ep.Addr)
+		}
+	}
+	if crit.conns.Load() != 0 {
 		t.Error("an unhealthy endpoint was dialed")
 	}
 }
@@ -151,6 +157,7 @@ func TestPickPowerOfTwoChoices(t *testing.T) {
 		{Addr: "10.0.0.2:1", Service: "db"},
 		{Addr: "10.0.0.3:1", Service: "db"},
 	})
+	lb := defaultBalancer
 	load(t, u, "10.0.0.2:1", 5)
 	load(t, u, "10.0.0.3:1", 10)
 
@@ -158,7 +165,7 @@ func TestPickPowerOfTwoChoices(t *testing.T) {
 	counts := make([]int, 3)
 	tried := make([]bool, 3)
 	for range picks {
-		counts[u.pick(set.eps, tried)]++
+		counts[u.pick(set, &lb, tried, netip.Addr{})]++
 	}
 	// Two distinct candidates: the most loaded never wins, the least
 	// loaded wins whenever drawn (2/3 of picks), the middle one otherwise.
@@ -174,7 +181,7 @@ func TestPickPowerOfTwoChoices(t *testing.T) {
 	load(t, u, "10.0.0.3:1", -10)
 	clear(counts)
 	for range picks {
-		counts[u.pick(set.eps, tried)]++
+		counts[u.pick(set, &lb, tried, netip.Addr{})]++
 	}
 	for i, c := range counts {
 		if c < picks/5 {
@@ -185,7 +192,7 @@ func TestPickPowerOfTwoChoices(t *testing.T) {
 	// Tried endpoints are skipped while others remain.
 	tried[0], tried[1] = true, true
 	for range 100 {
-		if i := u.pick(set.eps, tried); i != 2 {
+		if i := u.pick(set, &lb, tried, netip.Addr{}); i != 2 {
 			t.Fatalf("picked tried endpoint %d", i)
 		}
 	}
@@ -263,7 +270,7 @@ func TestDialErrorNamesEveryAttempt(t *testing.T) {
 	run(t, u)
 	waitReady(t, u)
 
-	conn, res, release, err := u.Dial(context.Background())
+	conn, res, release, err := u.Dial(context.Background(), DialOptions{})
 	if err == nil || conn != nil || release != nil {
 		t.Fatalf("Dial = %v, %v; want an error only", conn, err)
 	}
@@ -286,7 +293,7 @@ func TestDialErrorNamesEveryAttempt(t *testing.T) {
 	one := newUpstream(t, serviceUpstream("db"), opts)
 	run(t, one)
 	waitReady(t, one)
-	_, res, _, err = one.Dial(context.Background())
+	_, res, _, err = one.Dial(context.Background(), DialOptions{})
 	if err == nil || strings.Contains(err.Error(), "attempt 2") || res.Attempts != 1 {
 		t.Errorf("MaxAttempts 1: err = %v after %d attempts", err, res.Attempts)
 	}
@@ -298,14 +305,13 @@ func TestDialRespectsConnectTimeout(t *testing.T) {
 	hole1, port1 := startBlackHole(t)
 	hole2, port2 := startBlackHole(t)
 	f.agent.setEntries(proxyEntry("n1", "db", port1, api.HealthPassing), proxyEntry("n2", "db", port2, api.HealthPassing))
-	cfg := serviceUpstream("db")
-	cfg.ConnectTimeout = 300 * time.Millisecond
-	u := newUpstream(t, cfg, f.options(t))
+	f.agent.setChain("db", chainTimeout("db", 300*time.Millisecond))
+	u := newUpstream(t, serviceUpstream("db"), f.options(t))
 	run(t, u)
 	waitReady(t, u)
 
 	start := time.Now()
-	_, _, _, err := u.Dial(context.Background())
+	_, _, _, err := u.Dial(context.Background(), DialOptions{})
 	elapsed := time.Since(start)
 	if err == nil {
 		t.Fatal("Dial to black holes succeeded")
@@ -328,9 +334,8 @@ func TestDialFailsOverFromStalledHandshake(t *testing.T) {
 	hole, holePort := startBlackHole(t)
 	good := startTLSServer(t, f.ca, "db")
 	f.agent.setEntries(proxyEntry("n1", "db", holePort, api.HealthPassing), proxyEntry("n2", "db", good.port, api.HealthPassing))
-	cfg := serviceUpstream("db")
-	cfg.ConnectTimeout = 2 * time.Second
-	u := newUpstream(t, cfg, f.options(t))
+	f.agent.setChain("db", chainTimeout("db", 2*time.Second))
+	u := newUpstream(t, serviceUpstream("db"), f.options(t))
 	run(t, u)
 	waitReady(t, u)
 	load(t, u, good.addr, 100)
@@ -359,7 +364,7 @@ func TestCallerCancelDoesNotEjectEndpoint(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	start := time.Now()
-	_, _, _, err := u.Dial(ctx)
+	_, _, _, err := u.Dial(ctx, DialOptions{})
 	if err == nil || time.Since(start) > 3*time.Second {
 		t.Fatalf("Dial = %v after %v; want an error by the caller's deadline", err, time.Since(start))
 	}
@@ -394,7 +399,7 @@ func TestReleaseTracksActiveAcrossRefresh(t *testing.T) {
 	run(t, u)
 	waitReady(t, u)
 
-	conn, _, release, err := u.Dial(context.Background())
+	conn, _, release, err := u.Dial(context.Background(), DialOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -422,7 +427,7 @@ func TestDialWithoutEndpoints(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
 	u := newUpstream(t, serviceUpstream("db"), f.options(t))
-	if _, _, _, err := u.Dial(context.Background()); !errors.Is(err, ErrNoEndpoints) || !strings.Contains(err.Error(), "upstream db: ") {
+	if _, _, _, err := u.Dial(context.Background(), DialOptions{}); !errors.Is(err, ErrNoEndpoints) || !strings.Contains(err.Error(), "upstream db: ") {
 		t.Errorf("before discovery: err = %v", err)
 	}
 	if n := len(f.agent.requests()); n != 0 {
@@ -430,7 +435,7 @@ func TestDialWithoutEndpoints(t *testing.T) {
 	}
 	run(t, u)
 	waitReady(t, u)
-	if _, _, _, err := u.Dial(context.Background()); !errors.Is(err, ErrNoEndpoints) {
+	if _, _, _, err := u.Dial(context.Background(), DialOptions{}); !errors.Is(err, ErrNoEndpoints) {
 		t.Errorf("empty set: err = %v", err)
 	}
 }

@@ -1,7 +1,8 @@
 // Package testagent is a fake local Consul agent for unit tests of the
 // proxy and admin packages: a throwaway Connect CA issuing SPIFFE leaves,
 // and the agent endpoints strait calls (CA roots, leaf, intention match,
-// authorize, health/connect) with Consul's blocking-query behaviour. It is
+// authorize, health/connect, discovery-chain: always the default chain of
+// one target) with Consul's blocking-query behaviour. It is
 // imported by tests only and never linked into the binary. It is not
 // evidence that strait works against a real agent: the integration suite
 // is.
@@ -66,6 +67,8 @@ func Start(t testing.TB) *Agent {
 	mux.HandleFunc("GET /v1/connect/intentions/match", a.match)
 	mux.HandleFunc("POST /v1/agent/connect/authorize", a.authorize)
 	mux.HandleFunc("GET /v1/health/connect/{service}", a.health)
+	mux.HandleFunc("GET /v1/discovery-chain/{service}", a.chain)
+	mux.HandleFunc("POST /v1/discovery-chain/{service}", a.chain)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "fake agent: not implemented", http.StatusNotFound)
 	})
@@ -315,6 +318,32 @@ func (a *Agent) authorize(w http.ResponseWriter, r *http.Request) {
 		reason = "Default behavior configured by ACLs (deny)"
 	}
 	a.reply(w, &api.AgentAuthorize{Authorized: allow, Reason: reason})
+}
+
+// chain answers the default discovery chain of a service: one resolver
+// whose one target is the service in Datacenter (or compile-dc).
+func (a *Agent) chain(w http.ResponseWriter, r *http.Request) {
+	if !a.block(w, r) {
+		return
+	}
+	svc := r.PathValue("service")
+	dc := r.URL.Query().Get("compile-dc")
+	if dc == "" {
+		dc = Datacenter
+	}
+	id := svc + ".default.default." + dc
+	a.reply(w, api.DiscoveryChainResponse{Chain: &api.CompiledDiscoveryChain{
+		ServiceName: svc, Namespace: "default", Datacenter: dc, Protocol: "tcp", Default: true,
+		StartNode: "resolver:" + id,
+		Nodes: map[string]*api.DiscoveryGraphNode{"resolver:" + id: {
+			Type: api.DiscoveryGraphNodeTypeResolver, Name: id,
+			Resolver: &api.DiscoveryResolver{Default: true, ConnectTimeout: 5 * time.Second, Target: id},
+		}},
+		Targets: map[string]*api.DiscoveryTarget{id: {
+			ID: id, Service: svc, Namespace: "default", Datacenter: dc, ConnectTimeout: 5 * time.Second,
+			SNI: svc + ".default." + dc + ".internal." + TrustDomain, Name: svc + ".default." + dc + ".internal." + TrustDomain,
+		}},
+	}})
 }
 
 func (a *Agent) health(w http.ResponseWriter, r *http.Request) {
