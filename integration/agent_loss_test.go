@@ -20,8 +20,9 @@ const agentOutage = 60 * time.Second
 // TestAgentLossKeepsTrafficFlowing: the Consul agent is SIGKILLed while a
 // long-lived connection streams data through a strait pair.
 //
-//   - The open connection keeps flowing, byte-exact, through the outage,
-//     the restart and everything after it.
+//   - The open connection keeps flowing, byte-exact, through the outage
+//     and the restart (it is finished before the deny intention below,
+//     which would revoke it).
 //   - For agentOutage, new connections keep succeeding on cached
 //     certificates, intentions and endpoints: those of a source allowed by
 //     an explicit intention (decided locally from the cached intention
@@ -208,6 +209,13 @@ func TestAgentLossKeepsTrafficFlowing(t *testing.T) {
 	a.registerProxy(t, p.dst, pubPort)
 	eventually(t, resume(), func() error { return echoVia("tcp", p.upstreamAddr, 4096, key) })
 
+	// The long-lived connection has crossed the outage and the restart;
+	// finish it here, byte-exact: the deny below would revoke it (intentions
+	// apply to open connections, TestDenyClosesOpenConnections).
+	s.progress(t, 64*1024, "after the restart")
+	s.finish(t)
+	t.Logf("the long-lived connection carried %d bytes across the outage and the restart, byte-exact", s.written.Load())
+
 	// Intention watch: a deny created after the restart is enforced, and
 	// the public side logs the denial (so the refusals are not some other
 	// failure).
@@ -244,9 +252,6 @@ func TestAgentLossKeepsTrafficFlowing(t *testing.T) {
 	probe := a.leaf(t, uniq("probe"))
 	newRoots := a.roots(t)
 	newCA := poll(resume(), func() error {
-		if err := s.alive(); err != nil {
-			t.Fatal(err)
-		}
 		c, err := dialMesh(p.publicAddr, meshClientConfig(&probe, newRoots, a.spiffeID(p.dst)))
 		if err != nil {
 			return fmt.Errorf("public listener, trusting only the restarted agent's CA (trust domain %s): %w", a.trustDomain, err)
@@ -291,12 +296,9 @@ func TestAgentLossKeepsTrafficFlowing(t *testing.T) {
 		}
 	}
 
-	s.progress(t, 64*1024, "after the restart")
-	s.finish(t)
 	if err := allRunning(); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("the long-lived connection carried %d bytes across the outage and the restart, byte-exact", s.written.Load())
 }
 
 var queryIndex = regexp.MustCompile(`[?&]index=(\d+)`)
