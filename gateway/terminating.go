@@ -662,14 +662,16 @@ func (l *link) dial(ctx context.Context, rec *record) (net.Conn, string, error) 
 	return nil, ResultDialFailed, errors.Join(errs...)
 }
 
+// refuse counts and logs a connection that was not proxied, then closes
+// it: whoever sees it closed sees it counted.
 func (t *Terminating) refuse(c net.Conn, rec *record, result string, err error) {
-	c.Close()
 	rec.result = result
 	if err != nil {
 		rec.detail = err.Error()
 	}
 	t.count(result)
 	t.logLine(rec)
+	c.Close()
 	t.finish(c)
 }
 

@@ -54,12 +54,15 @@ func TestIngressGateway(t *testing.T) {
 	// An intention from another source does not matter; one from the
 	// gateway's name does.
 	a.setIntention(t, uniq("web"), db, api.IntentionActionDeny)
-	if err := echoVia("tcp", in, 1024, 0x33); err != nil {
-		t.Fatalf("deny for another source refused the gateway: %v", err)
-	}
-	accepted := app.Accepts()
+	consistently(t, 2*time.Second, func() error { return echoVia("tcp", in, 1024, 0x33) })
 	a.setIntention(t, gwName, db, api.IntentionActionDeny)
 	eventually(t, 30*time.Second, func() error { return refusedVia("tcp", in) })
+	// Once the sidecar has the deny, the app sees none of the gateway's
+	// connections.
+	accepted := app.Accepts()
+	if err := refusedVia("tcp", in); err != nil {
+		t.Errorf("after the deny: %v", err)
+	}
 	if got := app.Accepts(); got != accepted {
 		t.Errorf("app accepted %d connections after the gateway was denied", got-accepted)
 	}
