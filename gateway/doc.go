@@ -27,5 +27,13 @@
 //
 // Routes come from a Router; Catalog is the one backed by the local Consul
 // agent's blocking queries, so no connection costs a Consul request.
-// Register keeps the gateway's Kind mesh-gateway registration.
+// Register keeps the gateway's registration (Kind mesh-gateway, or the
+// other kinds').
+//
+// Terminating (strait -gateway terminating) is the terminating gateway:
+// it terminates mesh mTLS with each linked service's own leaf, authorizes
+// with that service's intentions and dials its instances, originating TLS
+// when the link asks. IngressWatch (strait -gateway ingress) turns an
+// ingress gateway's tcp listeners into a proxy configuration that the
+// sidecar proxy's upstream machinery runs with the gateway's identity.
 package gateway

@@ -426,11 +426,15 @@ const (
 	reasonError      = "error"
 )
 
-func (s *Server) endReason(err error) (reason, detail string) {
+func (s *Server) endReason(err error) (reason, detail string) { return endReason(err, s.forced.Load()) }
+
+// endReason names how a proxied connection ended; forced means the
+// shutdown grace ran out.
+func endReason(err error, forced bool) (reason, detail string) {
 	switch {
 	case err == nil:
 		return reasonClosed, ""
-	case s.forced.Load():
+	case forced:
 		return reasonShutdown, ""
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		return reasonReapedIdle, ""

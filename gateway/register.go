@@ -24,6 +24,9 @@ const DeregisterCriticalAfter = "6h"
 // 30s if the agent lost it, and deregisters when ctx is done.
 type Register struct {
 	Client *api.Client
+	// Kind of the registration; empty means mesh-gateway. Terminating and
+	// ingress gateways register the same way with their own kind.
+	Kind api.ServiceKind
 	// ID and Name of the registration (both -service by default).
 	ID, Name string
 	// LANHost:LANPort is where the gateway listens; an empty or
@@ -34,6 +37,9 @@ type Register struct {
 	// none is advertised (Consul then falls back to the node's).
 	WANHost string
 	WANPort int
+	// NoCheck registers without the TCP check: an ingress gateway listens
+	// on its config entry's ports, not on LANPort.
+	NoCheck bool
 	Logger  hclog.Logger
 }
 
@@ -47,15 +53,15 @@ func (r *Register) Registration() *api.AgentServiceRegistration {
 	if r.WANHost != "" {
 		tagged["wan"] = api.ServiceAddress{Address: r.WANHost, Port: r.WANPort}
 	}
-	return &api.AgentServiceRegistration{
-		Kind:            api.ServiceKindMeshGateway,
+	reg := &api.AgentServiceRegistration{
+		Kind:            r.kind(),
 		ID:              r.ID,
 		Name:            r.Name,
 		Address:         lan,
 		Port:            r.LANPort,
 		TaggedAddresses: tagged,
 		Check: &api.AgentServiceCheck{
-			Name: "mesh-gateway listening",
+			Name: string(r.kind()) + " listening",
 			// The gateway shares the agent's network namespace, as
 			// Consul's own registration assumes.
 			TCP:                            net.JoinHostPort(cmp.Or(lan, "127.0.0.1"), strconv.Itoa(r.LANPort)),
@@ -63,7 +69,13 @@ func (r *Register) Registration() *api.AgentServiceRegistration {
 			DeregisterCriticalServiceAfter: DeregisterCriticalAfter,
 		},
 	}
+	if r.NoCheck {
+		reg.Check = nil
+	}
+	return reg
 }
+
+func (r *Register) kind() api.ServiceKind { return cmp.Or(r.Kind, api.ServiceKindMeshGateway) }
 
 // Unspecified reports whether host is empty or an unspecified address
 // (0.0.0.0, ::): listening on it means every address.
@@ -119,7 +131,7 @@ func (r *Register) register(log hclog.Logger, reg *api.AgentServiceRegistration)
 	for k, a := range reg.TaggedAddresses {
 		args = append(args, k, net.JoinHostPort(a.Address, strconv.Itoa(a.Port)))
 	}
-	log.Info("registered mesh gateway", args...)
+	log.Info("registered "+string(r.kind()), args...)
 	return true
 }
 
@@ -127,7 +139,7 @@ func (r *Register) deregister(log hclog.Logger) {
 	for i := range 3 {
 		err := r.Client.Agent().ServiceDeregister(r.ID)
 		if err == nil {
-			log.Info("deregistered mesh gateway", "id", r.ID)
+			log.Info("deregistered "+string(r.kind()), "id", r.ID)
 			return
 		}
 		log.Warn("deregistering the gateway failed", "id", r.ID, "attempt", i+1, "error", err)

@@ -145,8 +145,15 @@ func sni(service, dc, td string) string {
 // logs "gateway ready".
 func startGateway(t testing.TB, a *agent, args ...string) *proc {
 	t.Helper()
+	return startGatewayKind(t, a, "mesh", args...)
+}
+
+// startGatewayKind starts strait -gateway <kind> against a and waits until
+// it logs "gateway ready".
+func startGatewayKind(t testing.TB, a *agent, kind string, args ...string) *proc {
+	t.Helper()
 	requireStrait(t)
-	args, admin := withAdmin(t, append([]string{"-gateway", "mesh", "-http-addr", a.httpAddr}, args...))
+	args, admin := withAdmin(t, append([]string{"-gateway", kind, "-http-addr", a.httpAddr}, args...))
 	p := startProc(t, "strait-gateway", straitBin, args, cleanEnv(), true)
 	p.adminAddr = admin
 	err := poll(30*time.Second, func() error {

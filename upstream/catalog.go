@@ -290,6 +290,12 @@ func (c *Catalog) watchHealth(ctx context.Context, k healthKey, f *feed) {
 		ins := make([]instance, 0, len(entries))
 		for _, e := range entries {
 			if in, ok := instanceOf(e); ok {
+				if e.Service.Kind == api.ServiceKindTerminatingGateway {
+					// A terminating gateway the service is linked to
+					// stands for it: dialed with the service's SNI, it
+					// presents the service's leaf.
+					in.service = k.service
+				}
 				ins = append(ins, in)
 			}
 		}

@@ -199,7 +199,7 @@ func (o *options) validate() error {
 	}
 	for _, f := range gatewayOnlyFlags {
 		if o.set[f] {
-			return usagef("-%s applies only with -gateway mesh", f)
+			return usagef("-%s applies only with -gateway", f)
 		}
 	}
 	agentMode := o.proxyID != "" || o.sidecarFor != ""

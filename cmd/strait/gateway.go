@@ -15,13 +15,16 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/straitproxy/strait/admin"
+	"github.com/straitproxy/strait/config"
 	"github.com/straitproxy/strait/gateway"
 	"github.com/straitproxy/strait/internal/lifecycle"
 	"github.com/straitproxy/strait/metrics"
 	"github.com/straitproxy/strait/proxy"
+	"github.com/straitproxy/strait/tlsutil"
 )
 
 // defaultGatewayPort is `consul connect envoy`'s port when -address or
@@ -44,6 +47,11 @@ type gatewayOptions struct {
 	lanPort, wanPort int
 }
 
+// meshOnlyFlags apply to the mesh gateway only: terminating and ingress
+// gateways are not dialed across datacenters and read no ClientHello
+// before their handshake, and watch one service per link or listener.
+var meshOnlyFlags = []string{"wan-address", "max-pending", "max-watches"}
+
 // gatewayOnlyFlags apply only with -gateway.
 var gatewayOnlyFlags = []string{"address", "wan-address", "hello-timeout", "max-connections", "max-pending", "max-watches"}
 
@@ -53,7 +61,7 @@ var proxyOnlyFlags = []string{"sidecar-for", "service-addr", "listen", "upstream
 	"tls-kex", "ktls", "max-inbound-connections", "max-handshakes", "datacenter"}
 
 func defineGatewayFlags(fs *flag.FlagSet, g *gatewayOptions) {
-	fs.StringVar(&g.kind, "gateway", "", "Run as a gateway of this `kind` instead of a sidecar proxy: mesh (routes TLS by SNI between datacenters, never terminating it).")
+	fs.StringVar(&g.kind, "gateway", "", "Run as a gateway of this `kind` instead of a sidecar proxy: mesh (routes TLS by SNI between datacenters, never terminating it), terminating (mesh clients reach the services linked to it, which run no sidecar), ingress (clients outside the mesh reach mesh services on its config entry's listeners).")
 	fs.StringVar(&g.address, "address", ":8443", "Gateway: LAN `host:port` to listen on and advertise (port 8443 when omitted; an empty or 0.0.0.0 host listens everywhere and advertises the node's address).")
 	fs.StringVar(&g.wanAddress, "wan-address", "", "Gateway: WAN `host:port` other datacenters dial (the -address port when omitted); also listened on when it differs from -address and is a local address.")
 	fs.DurationVar(&g.helloTimeout, "hello-timeout", gateway.DefaultHelloTimeout, "Gateway: how long a connection may take to send its TLS ClientHello.")
@@ -65,16 +73,26 @@ func defineGatewayFlags(fs *flag.FlagSet, g *gatewayOptions) {
 // validateGateway checks the flags of gateway mode; o.validate has checked
 // the ones shared with the proxy.
 func (o *options) validateGateway() error {
-	if o.gw.kind != "mesh" {
-		return usagef("-gateway %q: only mesh is supported", o.gw.kind)
+	switch o.gw.kind {
+	case "mesh", "terminating", "ingress":
+	default:
+		return usagef("-gateway %q: want mesh, terminating or ingress", o.gw.kind)
 	}
+	kind := o.gw.kind
 	for _, f := range proxyOnlyFlags {
-		if o.set[f] {
-			return usagef("-%s does not apply with -gateway mesh", f)
+		if o.set[f] && !(f == "tls-kex" && kind != "mesh") {
+			return usagef("-%s does not apply with -gateway %s", f, kind)
+		}
+	}
+	if kind != "mesh" {
+		for _, f := range meshOnlyFlags {
+			if o.set[f] {
+				return usagef("-%s applies only with -gateway mesh", f)
+			}
 		}
 	}
 	if !o.set["service"] {
-		o.service = "mesh-gateway"
+		o.service = kind + "-gateway"
 	}
 	if o.service == "" {
 		return usagef("-service: the gateway needs a name")
@@ -170,20 +188,15 @@ func runGateway(o *options, stdout, stderr io.Writer) int {
 		return 2
 	}
 
-	lns, err := gatewayListeners(o, log)
-	if err != nil {
-		fmt.Fprintf(stderr, "strait: %v\n", err)
-		return 1
-	}
 	accessMode, _ := proxy.ParseAccessLog(o.accessLog)
-	cat := gateway.NewCatalog(gateway.CatalogOptions{
-		Client: agent.Client, Logger: log.Named("catalog"), Metrics: m, MaxWatches: o.gw.maxWatches,
-	})
-	srv := gateway.New(gateway.Options{
-		Router: cat, Logger: log.Named("gateway"), AccessLogger: access, AccessLog: accessMode, Metrics: m,
-		HelloTimeout: o.gw.helloTimeout, MaxPending: o.gw.maxPending, MaxConnections: o.gw.maxConnections,
-		HalfCloseTimeout: o.halfCloseTimeout,
-	})
+	role := newGatewayRole(o, agent, log, access, accessMode, m)
+	var lns []net.Listener
+	if role.serve != nil {
+		if lns, err = gatewayListeners(o, log); err != nil {
+			fmt.Fprintf(stderr, "strait: %v\n", err)
+			return 1
+		}
+	}
 	var draining sync.Once
 	drainingNow := make(chan struct{})
 	ready := func() (bool, string) {
@@ -193,10 +206,10 @@ func runGateway(o *options, stdout, stderr io.Writer) int {
 		default:
 		}
 		select {
-		case <-cat.Ready():
+		case <-role.ready:
 			return true, ""
 		default:
-			return false, "waiting for the agent: datacenter, trust domain, catalog and resolvers"
+			return false, role.waiting
 		}
 	}
 	if o.adminBind != "off" {
@@ -205,7 +218,7 @@ func runGateway(o *options, stdout, stderr io.Writer) int {
 			listen = append(listen, ln.Addr().String())
 		}
 		as, err := admin.ListenGateway(o.adminBind, admin.GatewayOptions{
-			Metrics: m, Ready: ready, Routes: func() any { return cat.Routes() }, Stats: func() any { return srv.Stats() },
+			Metrics: m, Ready: ready, Routes: role.routes, Stats: role.stats,
 			Config: admin.GatewayConfigView(o.gatewaySettings(agent.Config.Scheme+"://"+agent.Config.Address, listen), m.Telemetry()),
 			Pprof:  o.adminPprof, Logger: log.Named("admin"), Started: started,
 		})
@@ -228,22 +241,22 @@ func runGateway(o *options, stdout, stderr io.Writer) int {
 	regCtx, stopReg := context.WithCancel(ctx)
 	defer stopReg()
 	var bg sync.WaitGroup
-	bg.Go(func() { cat.Run(ctx) })
+	bg.Go(func() { role.run(ctx) })
 	if o.register {
 		r := &gateway.Register{
-			Client: agent.Client, ID: o.gatewayID(), Name: o.service,
+			Client: agent.Client, Kind: role.kind, ID: o.gatewayID(), Name: o.service, NoCheck: role.serve == nil,
 			LANHost: o.gw.lanHost, LANPort: o.gw.lanPort, WANHost: o.gw.wanHost, WANPort: o.gw.wanPort,
 			Logger: log.Named("register"),
 		}
 		bg.Go(func() { r.Run(regCtx) })
 	}
 	for _, ln := range lns {
-		srv.Serve(ln)
+		role.serve(ln)
 	}
 	healthy := func() bool { ok, _ := ready(); return ok }
 	bg.Go(func() {
 		select {
-		case <-cat.Ready():
+		case <-role.ready:
 			log.Info("gateway ready", "gateway", o.gw.kind, "service", o.service, "listeners", len(lns))
 		case <-ctx.Done():
 		}
@@ -266,7 +279,7 @@ func runGateway(o *options, stdout, stderr io.Writer) int {
 		done := make(chan struct{})
 		go func() {
 			sctx, cancel := context.WithTimeout(context.Background(), o.shutdownGrace)
-			srv.Shutdown(sctx)
+			role.shutdown(sctx)
 			cancel()
 			stop()
 			bg.Wait()
@@ -333,5 +346,104 @@ func (o *options) gatewaySettings(httpAddr string, listen []string) admin.Gatewa
 		AdminPprof: o.adminPprof, PprofAddr: o.pprofAddr, ShutdownGrace: o.shutdownGrace,
 		HalfCloseTimeout: o.halfCloseTimeout, HelloTimeout: o.gw.helloTimeout,
 		MaxConnections: o.gw.maxConnections, MaxPending: o.gw.maxPending, MaxWatches: o.gw.maxWatches,
+	}
+}
+
+// gatewayRole is what differs between the gateway kinds: what serves the
+// listeners and what it follows in Consul.
+type gatewayRole struct {
+	kind     api.ServiceKind
+	serve    func(net.Listener)
+	run      func(context.Context) // until ctx is done
+	shutdown func(context.Context)
+	ready    <-chan struct{}
+	waiting  string // what /ready says before ready
+	routes   func() any
+	stats    func() any
+}
+
+func newGatewayRole(o *options, agent *config.Agent, log, access hclog.Logger, accessMode proxy.AccessLog, m *metrics.Metrics) gatewayRole {
+	switch o.gw.kind {
+	case "ingress":
+		return ingressRole(o, agent, log, access, accessMode, m)
+	case "terminating":
+		curves, _ := tlsutil.KeyExchange(o.tlsKex)
+		t := gateway.NewTerminating(gateway.TerminatingOptions{
+			Client: agent.Client, AgentConfig: agent.Config, Name: o.service,
+			Logger: log.Named("gateway"), AccessLogger: access, AccessLog: accessMode, Metrics: m,
+			CurvePreferences: curves, HandshakeTimeout: o.gw.helloTimeout, MaxConnections: o.gw.maxConnections,
+			HalfCloseTimeout: o.halfCloseTimeout,
+		})
+		return gatewayRole{
+			kind: api.ServiceKindTerminatingGateway, serve: t.Serve, run: t.Run, shutdown: t.Shutdown,
+			ready: t.Ready(), waiting: "waiting for the agent: linked services, their certificates and intentions",
+			routes: func() any { return t.Routes() }, stats: func() any { return t.Stats() },
+		}
+	}
+	cat := gateway.NewCatalog(gateway.CatalogOptions{
+		Client: agent.Client, Logger: log.Named("catalog"), Metrics: m, MaxWatches: o.gw.maxWatches,
+	})
+	srv := gateway.New(gateway.Options{
+		Router: cat, Logger: log.Named("gateway"), AccessLogger: access, AccessLog: accessMode, Metrics: m,
+		HelloTimeout: o.gw.helloTimeout, MaxPending: o.gw.maxPending, MaxConnections: o.gw.maxConnections,
+		HalfCloseTimeout: o.halfCloseTimeout,
+	})
+	return gatewayRole{
+		kind: api.ServiceKindMeshGateway, serve: srv.Serve, run: cat.Run, shutdown: srv.Shutdown,
+		ready: cat.Ready(), waiting: "waiting for the agent: datacenter, trust domain, catalog and resolvers",
+		routes: func() any { return cat.Routes() }, stats: func() any { return srv.Stats() },
+	}
+}
+
+// ingressRole runs the proxy's upstream machinery for the listeners of the
+// gateway's config entry, with the gateway's own identity: each listener
+// is an upstream of the gateway's service. There is no -address listener.
+func ingressRole(o *options, agent *config.Agent, log, access hclog.Logger, accessMode proxy.AccessLog, m *metrics.Metrics) gatewayRole {
+	curves, _ := tlsutil.KeyExchange(o.tlsKex)
+	w := newParts(agent, log, curves, false)
+	p := proxy.New(proxy.Options{
+		Parts: w.build, Logger: log.Named("gateway"), AccessLogger: access, AccessLog: accessMode, Metrics: m,
+		HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace,
+	})
+	iw := &gateway.IngressWatch{Client: agent.Client, Name: o.service, BindAddress: o.gw.lanHost, Logger: log.Named("ingress")}
+	ready := make(chan struct{})
+	run := func(ctx context.Context) {
+		cfgs := make(chan *config.Config)
+		watchDone := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Go(func() {
+			defer close(watchDone)
+			iw.Run(ctx, cfgs)
+		})
+		wg.Go(func() {
+			// The proxy has no readiness channel: poll its flag.
+			t := time.NewTicker(50 * time.Millisecond)
+			defer t.Stop()
+			for !p.Ready() {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+				}
+			}
+			close(ready)
+		})
+		if err := p.Run(ctx, cfgs); err != nil {
+			log.Error("ingress listeners could not be opened; fix the config entry or the ports and restart", "error", err)
+		}
+		// Take what the watch may still send until it stops (with ctx).
+		for done := false; !done; {
+			select {
+			case <-cfgs:
+			case <-watchDone:
+				done = true
+			}
+		}
+		wg.Wait()
+	}
+	return gatewayRole{
+		kind: api.ServiceKindIngressGateway, run: run, shutdown: p.Shutdown,
+		ready: ready, waiting: "waiting for the agent: the gateway's certificate and config entry",
+		routes: func() any { return p.Upstreams() }, stats: func() any { return p.Listeners() },
 	}
 }

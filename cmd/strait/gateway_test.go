@@ -15,13 +15,16 @@ func TestGatewayInvalidInput(t *testing.T) {
 		args []string
 		want string
 	}{
-		{"other kind", []string{"-gateway", "terminating"}, `-gateway "terminating": only mesh`},
-		{"empty kind", []string{"-gateway", ""}, `-gateway "": only mesh`},
+		{"other kind", []string{"-gateway", "api"}, `-gateway "api": want mesh, terminating or ingress`},
+		{"empty kind", []string{"-gateway", ""}, `-gateway "": want mesh`},
+		{"wan on terminating", []string{"-gateway", "terminating", "-wan-address", "1.2.3.4"}, "-wan-address applies only with -gateway mesh"},
+		{"max-watches on ingress", []string{"-gateway", "ingress", "-max-watches", "3"}, "-max-watches applies only with -gateway mesh"},
+		{"listen on ingress", []string{"-gateway", "ingress", "-listen", "127.0.0.1:1"}, "-listen does not apply with -gateway ingress"},
 		{"proxy flag", []string{"-gateway", "mesh", "-listen", "127.0.0.1:1"}, "-listen does not apply with -gateway mesh"},
 		{"upstream", []string{"-gateway", "mesh", "-upstream", "db:9000"}, "-upstream does not apply"},
 		{"datacenter", []string{"-gateway", "mesh", "-datacenter", "dc2"}, "-datacenter does not apply"},
 		{"sidecar-for", []string{"-gateway", "mesh", "-sidecar-for", "web"}, "-sidecar-for does not apply"},
-		{"address without gateway", []string{"-service", "web", "-address", "127.0.0.1:8443"}, "-address applies only with -gateway mesh"},
+		{"address without gateway", []string{"-service", "web", "-address", "127.0.0.1:8443"}, "-address applies only with -gateway"},
 		{"max-watches without gateway", []string{"-service", "web", "-max-watches", "3"}, "-max-watches applies only"},
 		{"bad port", []string{"-gateway", "mesh", "-address", "127.0.0.1:99999"}, "-address"},
 		{"name as LAN host", []string{"-gateway", "mesh", "-address", "gw.example:8443"}, "must be an IP address"},
