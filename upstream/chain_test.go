@@ -462,6 +462,30 @@ func TestRouterMatchesLoggedOnce(t *testing.T) {
 	}
 }
 
+// TestTerminatingGatewayStandsForLinkedService: Consul lists the terminating
+// gateways a service is linked to among its connect instances, under the
+// gateway's own name; the upstream dials such an entry as the service (its
+// SNI, its SPIFFE ID: the gateway presents the service's leaf).
+func TestTerminatingGatewayStandsForLinkedService(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	srv := startTLSServer(t, f.ca, "db")
+	f.agent.setEntries(&api.ServiceEntry{
+		Node: &api.Node{Node: "n1", Address: "127.0.0.1", Datacenter: "dc1"},
+		Service: &api.AgentService{
+			Kind: api.ServiceKindTerminatingGateway, ID: "tgw", Service: "tgw", Port: srv.port,
+			Meta: map[string]string{"test-linked-service": "db"},
+		},
+		Checks: api.HealthChecks{{Node: "n1", CheckID: "c-n1", Status: api.HealthPassing}},
+	})
+	u := newUpstream(t, serviceUpstream("db"), f.options(t))
+	run(t, u)
+	waitReady(t, u)
+	if r := dialOK(t, u, "db"); r.Target != "db.default.default.dc1" {
+		t.Errorf("dialed %+v, want db's target through its terminating gateway", r)
+	}
+}
+
 // TestCatalogSharesWatches: upstreams (and targets) that need the same
 // health query share one watch of a shared Catalog; the watch stops with
 // its last user, and Close joins everything.

@@ -400,6 +400,9 @@ func (a *fakeAgent) block(w http.ResponseWriter, r *http.Request, answer func() 
 
 // servedService is the service an entry serves.
 func servedService(e *api.ServiceEntry) string {
+	if e.Service.Kind == api.ServiceKindTerminatingGateway {
+		return e.Service.Meta["test-linked-service"] // as Consul lists a linked gateway
+	}
 	if e.Service.Proxy != nil && e.Service.Proxy.DestinationServiceName != "" {
 		return e.Service.Proxy.DestinationServiceName
 	}
