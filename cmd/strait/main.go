@@ -100,6 +100,7 @@ func runProxy(o *options, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "strait: dataplane: %v\n", err)
 			return 2
 		}
+		o.dp.proxyID = id
 		dopts := o.dp.options(id)
 		dopts.Logger = log.Named("dataplane")
 		if dp, err = dataplane.New(dopts); err != nil {
