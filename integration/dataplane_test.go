@@ -319,3 +319,53 @@ func adminGet(p *proc, path string) (int, error) {
 	resp.Body.Close()
 	return resp.StatusCode, nil
 }
+
+// TestDataplaneCARotation: without an agent nobody renews strait's leaf but
+// strait itself. After the CA is rotated, strait dataplane has a new leaf
+// signed (from a CSR of its own) at once, and serves it: a client that
+// trusts only the new root completes a handshake with its public listener.
+func TestDataplaneCARotation(t *testing.T) {
+	t.Parallel()
+	a := startAgentOpts(t, agentOpts{aclDeny: true})
+	j := newJWTAuthMethod(t, a)
+	const key = 0x3c
+	db := startApp(t, modeEcho, key)
+	dbPort := freePort(t)
+	dbPod := registerK8sPod(t, a, "db", db.Port(), dbPort, nil)
+	a.setIntention(t, "*", "db", api.IntentionActionAllow)
+	dbProxy := startDataplane(t, a, j, dbPod, "127.0.0.1")
+
+	oldOnly := x509.NewCertPool()
+	oldOnly.AddCert(a.ca.cert)
+	probe := a.leaf(t, uniq("probe"))
+	eventually(t, 30*time.Second, func() error {
+		c, err := dialMesh(hostPort(dbPort), meshClientConfig(&probe, oldOnly, a.spiffeID("db")))
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		return roundTrip(c, []byte("old root"), key, 10*time.Second)
+	})
+
+	rotated := time.Now()
+	newCA := newTestCA(t, a.trustDomain)
+	a.installCA(t, newCA)
+	newOnly := x509.NewCertPool()
+	newOnly.AddCert(newCA.cert)
+	probe = a.leaf(t, uniq("probe"))
+	if err := probe.Leaf.CheckSignatureFrom(newCA.cert); err != nil {
+		t.Fatalf("post-rotation probe leaf not from the new root: %v", err)
+	}
+	eventually(t, 30*time.Second, func() error {
+		c, err := dialMesh(hostPort(dbPort), meshClientConfig(&probe, newOnly, a.spiffeID("db")))
+		if err != nil {
+			return fmt.Errorf("db's strait with new-root-only trust: %w", err)
+		}
+		defer c.Close()
+		return roundTrip(c, []byte("new root"), key, 10*time.Second)
+	})
+	t.Logf("strait dataplane serves a new-root leaf %s after the rotation", time.Since(rotated).Round(time.Millisecond))
+	if !strings.Contains(dbProxy.Output(), "active CA root changed; renewing the leaf") {
+		t.Errorf("db's strait did not log the renewal on the root change")
+	}
+}
