@@ -127,7 +127,7 @@ func TestTransportNoticesRevokedToken(t *testing.T) {
 
 func TestProtobufStringFields(t *testing.T) {
 	msg := appendStringField(nil, 1, "csr")
-	msg = binary.AppendUvarint(msg, 3<<3|0) // an int field to skip
+	msg = binary.AppendUvarint(msg, 3<<3) // field 3, wire type 0 (varint): to be skipped
 	msg = binary.AppendUvarint(msg, 300)
 	msg = appendStringField(msg, 2, strings.Repeat("x", 200))
 	if v, err := stringField(msg, 1); err != nil || v != "csr" {
