@@ -10,10 +10,14 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -368,4 +372,115 @@ func TestDataplaneCARotation(t *testing.T) {
 	if !strings.Contains(dbProxy.Output(), "active CA root changed; renewing the leaf") {
 		t.Errorf("db's strait did not log the renewal on the root change")
 	}
+}
+
+// tcpForwarder relays every connection to listen to target, until Close,
+// which also cuts the connections it carries: a server that goes away.
+type tcpForwarder struct {
+	ln    net.Listener
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
+	wg    sync.WaitGroup
+	n     atomic.Int64
+}
+
+func startForwarder(t *testing.T, listen, target string) *tcpForwarder {
+	t.Helper()
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		t.Fatalf("forwarder on %s: %v", listen, err)
+	}
+	f := &tcpForwarder{ln: ln, conns: map[net.Conn]struct{}{}}
+	f.wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			f.n.Add(1)
+			f.mu.Lock()
+			f.conns[c], f.conns[up] = struct{}{}, struct{}{}
+			f.mu.Unlock()
+			f.wg.Go(func() { io.Copy(up, c); up.Close() })
+			f.wg.Go(func() { io.Copy(c, up); c.Close() })
+		}
+	})
+	t.Cleanup(f.Close)
+	return f
+}
+
+func (f *tcpForwarder) Close() {
+	f.ln.Close()
+	f.mu.Lock()
+	for c := range f.conns {
+		c.Close()
+	}
+	f.mu.Unlock()
+	f.wg.Wait()
+}
+
+// TestDataplaneServerFailover: both strait dataplanes use the first of two
+// server addresses (a relay to the dev server on 127.0.0.5, HTTP and gRPC
+// ports) until it goes away with their connections; they move to the
+// second and keep following the servers: a new deny intention still
+// reaches them, and new logins go there.
+func TestDataplaneServerFailover(t *testing.T) {
+	t.Parallel()
+	a := startAgentOpts(t, agentOpts{aclDeny: true})
+	j := newJWTAuthMethod(t, a)
+	const relayIP = "127.0.0.5"
+	_, httpPort, _ := strings.Cut(a.httpAddr, ":")
+	relays := []*tcpForwarder{
+		startForwarder(t, net.JoinHostPort(relayIP, httpPort), a.httpAddr),
+		startForwarder(t, net.JoinHostPort(relayIP, strconv.Itoa(a.grpcPort)), hostPort(a.grpcPort)),
+	}
+	const key = 0x77
+	db := startApp(t, modeEcho, key)
+	dbPort, upPort := freePort(t), freePort(t)
+	dbPod := registerK8sPod(t, a, "db", db.Port(), dbPort, nil)
+	webPod := registerK8sPod(t, a, "web", startApp(t, modeEcho, 1).Port(), freePort(t), []api.Upstream{
+		{DestinationName: "db", LocalBindAddress: "127.0.0.1", LocalBindPort: upPort},
+	})
+	a.setIntention(t, "web", "db", api.IntentionActionAllow)
+	addrs := relayIP + " 127.0.0.1"
+	dbProxy := startDataplane(t, a, j, dbPod, addrs)
+	webProxy := startDataplane(t, a, j, webPod, addrs)
+	up := hostPort(upPort)
+	eventually(t, 30*time.Second, func() error { return echoVia("tcp", up, 2048, key) })
+	if relays[0].n.Load() == 0 || relays[1].n.Load() == 0 {
+		t.Fatalf("the first server address was not used (HTTP %d, gRPC %d connections)", relays[0].n.Load(), relays[1].n.Load())
+	}
+
+	for _, r := range relays {
+		r.Close()
+	}
+	t.Logf("server %s gone", relayIP)
+	a.setIntention(t, "web", "db", api.IntentionActionDeny)
+	eventually(t, 30*time.Second, func() error { return refusedVia("tcp", up) })
+	for _, p := range []*proc{dbProxy, webProxy} {
+		out := p.Output()
+		if !strings.Contains(out, "server unreachable; moving to the next: server="+relayIP) {
+			t.Errorf("pid %d did not report moving away from %s", p.Pid(), relayIP)
+		}
+	}
+	// A new login (the old token deleted) goes to the live server.
+	toks := loginTokens(t, a, j, webPod)
+	if len(toks) != 1 {
+		t.Fatalf("web's pod has %d login tokens", len(toks))
+	}
+	old := toks[0].AccessorID
+	if _, err := a.client.ACL().TokenDelete(old, nil); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, func() error {
+		if toks := loginTokens(t, a, j, webPod); len(toks) != 1 || toks[0].AccessorID == old {
+			return fmt.Errorf("no new login for web yet")
+		}
+		return nil
+	})
 }
