@@ -63,6 +63,10 @@ type Options struct {
 	TLSDisabled   bool
 	CACerts       string
 	TLSServerName string
+	// TLSCert and TLSKey are a client certificate for servers that verify
+	// incoming connections; TLSInsecureSkipVerify skips verifying theirs.
+	TLSCert, TLSKey       string
+	TLSInsecureSkipVerify bool
 	// ProxyServiceID and NodeName find the proxy's registration.
 	ProxyServiceID string
 	NodeName       string
@@ -109,8 +113,8 @@ func New(opts Options) (*Dataplane, error) {
 	}
 	switch opts.Credentials.Type {
 	case CredentialLogin:
-		if opts.Credentials.AuthMethod == "" || opts.Credentials.BearerTokenPath == "" {
-			return nil, errors.New("credential type login needs an auth method and a bearer token path")
+		if opts.Credentials.AuthMethod == "" || (opts.Credentials.BearerTokenPath == "" && opts.Credentials.BearerToken == "") {
+			return nil, errors.New("credential type login needs an auth method and a bearer token (path)")
 		}
 	case CredentialStatic:
 		if opts.Credentials.StaticToken == "" {
@@ -142,7 +146,7 @@ func New(opts Options) (*Dataplane, error) {
 	var tlsCfg *tls.Config
 	if !opts.TLSDisabled {
 		scheme = "https"
-		tc := api.TLSConfig{Address: opts.TLSServerName}
+		tc := api.TLSConfig{Address: opts.TLSServerName, CertFile: opts.TLSCert, KeyFile: opts.TLSKey, InsecureSkipVerify: opts.TLSInsecureSkipVerify}
 		if opts.CACerts != "" {
 			st, err := os.Stat(opts.CACerts)
 			if err != nil {

@@ -36,10 +36,12 @@ type Credentials struct {
 	// projected token is picked up.
 	AuthMethod      string
 	BearerTokenPath string
-	Meta            map[string]string
-	Datacenter      string
-	Namespace       string
-	Partition       string
+	// BearerToken is used when BearerTokenPath is empty.
+	BearerToken string
+	Meta        map[string]string
+	Datacenter  string
+	Namespace   string
+	Partition   string
 	// CheckInterval is how often a login token is checked on the servers
 	// (/v1/acl/token/self), so that a deleted token is replaced; zero means
 	// 10s. A 403 "ACL not found" on any request also triggers a check.
@@ -91,13 +93,16 @@ func (l *login) notifyRevoked() {
 
 // Login logs in once.
 func (l *login) Login(ctx context.Context) error {
-	b, err := os.ReadFile(l.cred.BearerTokenPath)
-	if err != nil {
-		return fmt.Errorf("login: reading the bearer token: %w", err)
-	}
-	bearer := strings.TrimSpace(string(b))
-	if bearer == "" {
-		return fmt.Errorf("login: bearer token file %s is empty", l.cred.BearerTokenPath)
+	bearer := l.cred.BearerToken
+	if l.cred.BearerTokenPath != "" {
+		b, err := os.ReadFile(l.cred.BearerTokenPath)
+		if err != nil {
+			return fmt.Errorf("login: reading the bearer token: %w", err)
+		}
+		bearer = strings.TrimSpace(string(b))
+		if bearer == "" {
+			return fmt.Errorf("login: bearer token file %s is empty", l.cred.BearerTokenPath)
+		}
 	}
 	// The transport sends no token with a login (it needs none).
 	q := &api.WriteOptions{Datacenter: l.cred.Datacenter, Namespace: l.cred.Namespace, Partition: l.cred.Partition}

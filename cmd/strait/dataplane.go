@@ -5,6 +5,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"slices"
 	"sort"
@@ -25,6 +27,10 @@ type dataplaneOptions struct {
 	tlsDisabled        bool
 	caCerts            string
 	tlsServerName      string
+	tlsCert, tlsKey    string
+	tlsInsecure        bool
+	configFile         string
+	checkHealth        bool
 	proxyID            string
 	proxyIDPath        string
 	nodeName           string
@@ -34,6 +40,7 @@ type dataplaneOptions struct {
 	staticToken        string
 	authMethod         string
 	bearerTokenPath    string
+	bearerToken        string
 	loginMeta          metaFlag
 	loginDC            string
 	loginNamespace     string
@@ -92,11 +99,10 @@ var envoyOnlyFlags = []string{
 	"telemetry-prom-scrape-path", "telemetry-prom-merge-port", "telemetry-prom-service-metrics-url",
 	"telemetry-prom-retention-time", "telemetry-prom-ca-certs-file", "telemetry-prom-ca-certs-path",
 	"telemetry-prom-cert-file", "telemetry-prom-key-file", "telemetry-use-central-config",
-	"dump-envoy-config-on-exit", "server-watch-disabled", "service-node-id", "tls-cert", "tls-key",
-	"tls-insecure-skip-verify", "config-file", "login-bearer-token", "check-proxy-health",
+	"dump-envoy-config-on-exit", "server-watch-disabled", "service-node-id",
 }
 
-var envoyOnlyBools = []string{"telemetry-use-central-config", "dump-envoy-config-on-exit", "server-watch-disabled", "tls-insecure-skip-verify", "check-proxy-health"}
+var envoyOnlyBools = []string{"telemetry-use-central-config", "dump-envoy-config-on-exit", "server-watch-disabled"}
 
 // ignoredFlag accepts any value and remembers that the flag was given.
 type ignoredFlag struct {
@@ -151,6 +157,11 @@ func newDataplaneFlagSet(o *options) *flag.FlagSet {
 	fs.BoolVar(&d.tlsDisabled, "tls-disabled", envBool("DP_TLS_DISABLED"), "Talk to the servers without TLS.")
 	fs.StringVar(&d.caCerts, "ca-certs", os.Getenv("DP_CA_CERTS"), "CA certificate `file or directory` for the servers' TLS; the system roots when empty.")
 	fs.StringVar(&d.tlsServerName, "tls-server-name", os.Getenv("DP_TLS_SERVER_NAME"), "Server `name` expected in the servers' certificates (needed when -addresses are IPs).")
+	fs.StringVar(&d.tlsCert, "tls-cert", os.Getenv("DP_TLS_CERT"), "Client certificate `file` for the servers' TLS (with -tls-key).")
+	fs.StringVar(&d.tlsKey, "tls-key", os.Getenv("DP_TLS_KEY"), "Client key `file` for the servers' TLS.")
+	fs.BoolVar(&d.tlsInsecure, "tls-insecure-skip-verify", envBool("DP_TLS_INSECURE_SKIP_VERIFY"), "Do not verify the servers' certificates (tests only).")
+	fs.StringVar(&d.configFile, "config-file", os.Getenv("DP_CONFIG_FILE"), "consul-dataplane's JSON configuration `file`: not supported (refused); pass flags.")
+	fs.BoolVar(&d.checkHealth, "check-proxy-health", false, "Only check the running strait's health (GET /ready on -admin-bind) and exit 0 if ready, 1 if not: consul-k8s's startup probe of a native sidecar.")
 	fs.StringVar(&d.proxyID, "proxy-service-id", os.Getenv("DP_PROXY_SERVICE_ID"), "The proxy's service `ID` in the catalog.")
 	fs.StringVar(&d.proxyIDPath, "proxy-service-id-path", os.Getenv("DP_PROXY_SERVICE_ID_PATH"), "`File` holding the proxy's service ID (consul-k8s's connect-init writes /consul/connect-inject/proxyid).")
 	fs.StringVar(&d.nodeName, "service-node-name", os.Getenv("DP_SERVICE_NODE_NAME"), "Catalog `node` of the proxy's registration (consul-k8s: <k8s node>-virtual).")
@@ -160,6 +171,7 @@ func newDataplaneFlagSet(o *options) *flag.FlagSet {
 	fs.StringVar(&d.staticToken, "static-token", os.Getenv("DP_CREDENTIAL_STATIC_TOKEN"), "ACL `token` of -credential-type static.")
 	fs.StringVar(&d.authMethod, "login-auth-method", os.Getenv("DP_CREDENTIAL_LOGIN_AUTH_METHOD"), "Auth `method` to log in with (-credential-type login).")
 	fs.StringVar(&d.bearerTokenPath, "login-bearer-token-path", os.Getenv("DP_CREDENTIAL_LOGIN_BEARER_TOKEN_PATH"), "`File` holding the login's bearer token (the pod's service-account token), read at every login.")
+	fs.StringVar(&d.bearerToken, "login-bearer-token", os.Getenv("DP_CREDENTIAL_LOGIN_BEARER_TOKEN"), "The login's bearer `token` itself (-login-bearer-token-path is better: a file is re-read at every login).")
 	fs.Var(&d.loginMeta, "login-meta", "Repeatable `key=value` metadata of the login token.")
 	fs.StringVar(&d.loginDC, "login-datacenter", os.Getenv("DP_CREDENTIAL_LOGIN_DATACENTER"), "`Datacenter` of the auth method; the servers' when empty.")
 	fs.StringVar(&d.loginNamespace, "login-namespace", os.Getenv("DP_CREDENTIAL_LOGIN_NAMESPACE"), "`Namespace` of the auth method (Enterprise).")
@@ -202,10 +214,10 @@ var dataplaneHelp = usage.Help{
 		"and service-defaults), has its leaf certificate signed by the servers (the private key stays in the pod), " +
 		"and otherwise proxies exactly as in agent mode.",
 	Groups: []usage.Group{
-		{Title: "Servers", Flags: []string{"addresses", "http-port", "grpc-port", "tls-disabled", "ca-certs", "tls-server-name"}},
+		{Title: "Servers", Flags: []string{"addresses", "http-port", "grpc-port", "tls-disabled", "ca-certs", "tls-server-name", "tls-cert", "tls-key", "tls-insecure-skip-verify"}},
 		{Title: "Proxy registration", Flags: []string{"proxy-service-id", "proxy-service-id-path", "service-node-name", "service-namespace", "service-partition"}},
-		{Title: "Credentials", Flags: []string{"credential-type", "static-token", "login-auth-method", "login-bearer-token-path", "login-meta", "login-datacenter", "login-namespace", "login-partition", "login-check-interval"}},
-		{Title: "Lifecycle", Flags: []string{"shutdown-grace-period-seconds", "graceful-addr", "graceful-port", "graceful-shutdown-path", "graceful-startup-path", "startup-grace-period-seconds", "shutdown-drain-listeners"}},
+		{Title: "Credentials", Flags: []string{"credential-type", "static-token", "login-auth-method", "login-bearer-token-path", "login-bearer-token", "login-meta", "login-datacenter", "login-namespace", "login-partition", "login-check-interval"}},
+		{Title: "Lifecycle", Flags: []string{"check-proxy-health", "config-file", "shutdown-grace-period-seconds", "graceful-addr", "graceful-port", "graceful-shutdown-path", "graceful-startup-path", "startup-grace-period-seconds", "shutdown-drain-listeners"}},
 		{Title: "Observability (strait's)", Flags: []string{"log-level", "log-json", "access-log", "admin-bind", "admin-pprof", "pprof-addr",
 			"statsd-addr", "statsite-addr", "dogstatsd-addr", "dogstatsd-tags", "metrics-prefix", "disable-hostname"}},
 		{Title: "Tuning (strait's)", Flags: []string{"shutdown-grace", "half-close-timeout", "tunnels", "tls-kex", "ktls", "max-inbound-connections", "max-handshakes"}},
@@ -214,6 +226,8 @@ var dataplaneHelp = usage.Help{
 	Env: map[string]string{
 		"addresses": "DP_CONSUL_ADDRESSES", "http-port": "DP_CONSUL_HTTP_PORT", "grpc-port": "DP_CONSUL_GRPC_PORT",
 		"tls-disabled": "DP_TLS_DISABLED", "ca-certs": "DP_CA_CERTS", "tls-server-name": "DP_TLS_SERVER_NAME",
+		"tls-cert": "DP_TLS_CERT", "tls-key": "DP_TLS_KEY", "tls-insecure-skip-verify": "DP_TLS_INSECURE_SKIP_VERIFY",
+		"config-file": "DP_CONFIG_FILE", "login-bearer-token": "DP_CREDENTIAL_LOGIN_BEARER_TOKEN",
 		"proxy-service-id": "DP_PROXY_SERVICE_ID", "proxy-service-id-path": "DP_PROXY_SERVICE_ID_PATH",
 		"service-node-name": "DP_SERVICE_NODE_NAME", "service-namespace": "DP_SERVICE_NAMESPACE", "service-partition": "DP_SERVICE_PARTITION",
 		"credential-type": "DP_CREDENTIAL_TYPE", "static-token": "DP_CREDENTIAL_STATIC_TOKEN",
@@ -277,6 +291,15 @@ func (o *options) validateDataplane() error {
 		return err
 	}
 	d := o.dp
+	if d.checkHealth {
+		return nil // only the admin address matters
+	}
+	if d.configFile != "" {
+		return usagef("dataplane: -config-file is not supported; give its settings as flags or DP_* variables")
+	}
+	if (d.tlsCert == "") != (d.tlsKey == "") {
+		return usagef("dataplane: -tls-cert and -tls-key go together")
+	}
 	if strings.TrimSpace(d.addresses) == "" {
 		return usagef("dataplane: -addresses is required (the Consul servers)")
 	}
@@ -305,8 +328,8 @@ func (o *options) validateDataplane() error {
 			return usagef("dataplane: -credential-type static requires -static-token")
 		}
 	case dataplane.CredentialLogin:
-		if d.authMethod == "" || d.bearerTokenPath == "" {
-			return usagef("dataplane: -credential-type login requires -login-auth-method and -login-bearer-token-path")
+		if d.authMethod == "" || (d.bearerTokenPath == "" && d.bearerToken == "") {
+			return usagef("dataplane: -credential-type login requires -login-auth-method and -login-bearer-token-path (or -login-bearer-token)")
 		}
 	default:
 		return usagef("dataplane: -credential-type %q: want login or static", d.credType)
@@ -356,9 +379,10 @@ func (d *dataplaneOptions) options(id string) dataplane.Options {
 	return dataplane.Options{
 		Addresses: d.addresses, HTTPPort: d.httpPort, GRPCPort: d.grpcPort,
 		TLSDisabled: d.tlsDisabled, CACerts: d.caCerts, TLSServerName: d.tlsServerName,
+		TLSCert: d.tlsCert, TLSKey: d.tlsKey, TLSInsecureSkipVerify: d.tlsInsecure,
 		ProxyServiceID: id, NodeName: d.nodeName, Namespace: d.namespace, Partition: d.partition,
 		Credentials: dataplane.Credentials{
-			Type: d.credType, StaticToken: d.staticToken, AuthMethod: d.authMethod, BearerTokenPath: d.bearerTokenPath,
+			Type: d.credType, StaticToken: d.staticToken, AuthMethod: d.authMethod, BearerTokenPath: d.bearerTokenPath, BearerToken: d.bearerToken,
 			Meta: d.loginMeta, Datacenter: d.loginDC, Namespace: d.loginNamespace, Partition: d.loginPartition,
 			CheckInterval: d.tokenCheck,
 		},
@@ -368,4 +392,30 @@ func (d *dataplaneOptions) options(id string) dataplane.Options {
 // writeDataplaneHelp prints `strait dataplane -h`.
 func writeDataplaneHelp(w io.Writer) error {
 	return usage.Write(w, newDataplaneFlagSet(&options{set: map[string]bool{}, dp: &dataplaneOptions{}}), dataplaneHelp)
+}
+
+// checkProxyHealth is -check-proxy-health: GET /ready on the admin
+// listener of the strait running in this pod; exit 0 when ready.
+func checkProxyHealth(o *options, stdout, stderr io.Writer) int {
+	if o.adminBind == "off" {
+		fmt.Fprintln(stderr, "strait: dataplane: -check-proxy-health needs the admin listener (-admin-bind)")
+		return 2
+	}
+	host, port, _ := net.SplitHostPort(o.adminBind)
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+	}
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get("http://" + net.JoinHostPort(host, port) + "/ready")
+	if err != nil {
+		fmt.Fprintf(stderr, "strait: not ready: %v\n", err)
+		return 1
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		fmt.Fprintf(stderr, "strait: not ready: /ready answered %s\n", resp.Status)
+		return 1
+	}
+	fmt.Fprintln(stdout, "ready")
+	return 0
 }

@@ -2,6 +2,9 @@ package main
 
 import (
 	"bytes"
+	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"regexp"
 	"slices"
@@ -100,6 +103,8 @@ func TestDataplaneBadFlags(t *testing.T) {
 		{append(slices.Clone(base), "-tunnels", "maybe"), "-tunnels"},
 		{append(slices.Clone(base), "stray"), "unexpected argument"},
 		{[]string{"dataplane", "-addresses", "127.0.0.1", "-proxy-service-id", "p"}, "-service-node-name is required"},
+		{append(slices.Clone(base), "-config-file", "/etc/dp.json"), "-config-file is not supported"},
+		{append(slices.Clone(base), "-tls-cert", "/c.pem"), "-tls-cert and -tls-key go together"},
 	} {
 		t.Setenv("DP_SERVICE_NODE_NAME", "")
 		var stdout, stderr bytes.Buffer
@@ -122,6 +127,29 @@ func TestDataplaneHelp(t *testing.T) {
 	for _, f := range append([]string{"addresses", "http-port", "login-bearer-token-path", "graceful-port", "admin-bind", "tunnels"}, envoyOnlyFlags...) {
 		if !strings.Contains(stdout.String(), "-"+f+" ") && !strings.Contains(stdout.String(), "-"+f+"\n") {
 			t.Errorf("-h does not document -%s", f)
+		}
+	}
+}
+
+// -check-proxy-health asks the running strait's /ready (consul-k8s's
+// startup probe of a native sidecar) instead of starting a proxy.
+func TestCheckProxyHealth(t *testing.T) {
+	ready := true
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/ready" || !ready {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	}))
+	defer srv.Close()
+	_, port, _ := net.SplitHostPort(srv.Listener.Addr().String())
+	for _, c := range []struct {
+		ready bool
+		want  int
+	}{{true, 0}, {false, 1}} {
+		ready = c.ready
+		var stdout, stderr bytes.Buffer
+		if code := run([]string{"dataplane", "-check-proxy-health", "-admin-bind", "0.0.0.0:" + port}, &stdout, &stderr); code != c.want {
+			t.Errorf("ready %v: exit %d, want %d (%s)", c.ready, code, c.want, stderr.String())
 		}
 	}
 }

@@ -62,6 +62,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "strait: %v\n", err)
 			return 2
 		}
+		if o.dp.checkHealth {
+			return checkProxyHealth(o, stdout, stderr)
+		}
 		return runProxy(o, stdout, stderr)
 	}
 	o, err := parseFlags(args)
