@@ -11,6 +11,9 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/h2c"
@@ -222,5 +225,21 @@ func TestNewValidates(t *testing.T) {
 	d, _ := New(Options{Addresses: "127.0.0.1", ProxyServiceID: "p", NodeName: "n"})
 	if d.opts.HTTPPort != DefaultHTTPSPort || d.Config.Scheme != "https" || d.opts.GRPCPort != DefaultGRPCPort {
 		t.Errorf("TLS defaults: port %d scheme %s grpc %d", d.opts.HTTPPort, d.Config.Scheme, d.opts.GRPCPort)
+	}
+}
+
+// A token is replaced a minute before its expiry, or at two thirds of its
+// life when that is shorter, so a short TTL does not mean a login at every
+// check.
+func TestTokenMargin(t *testing.T) {
+	var h tokenHolder
+	for _, c := range []struct {
+		ttl, want time.Duration
+	}{{time.Hour, time.Minute}, {30 * time.Second, 10 * time.Second}} {
+		exp := time.Now().Add(c.ttl)
+		h.set(&api.ACLToken{SecretID: "s", ExpirationTime: &exp})
+		if got := time.Duration(h.margin.Load()); got > c.want || got < c.want-time.Second {
+			t.Errorf("ttl %s: margin %s, want %s", c.ttl, got, c.want)
+		}
 	}
 }

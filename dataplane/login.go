@@ -53,6 +53,9 @@ type tokenHolder struct {
 	secret   atomic.Pointer[string]
 	accessor atomic.Pointer[string]
 	expires  atomic.Pointer[time.Time]
+	// margin is how long before expiry the token is replaced: a minute,
+	// or a third of its life if that is shorter.
+	margin atomic.Int64
 }
 
 func (h *tokenHolder) get() string {
@@ -66,10 +69,13 @@ func (h *tokenHolder) set(t *api.ACLToken) {
 	h.secret.Store(&t.SecretID)
 	h.accessor.Store(&t.AccessorID)
 	var exp time.Time
+	margin := time.Minute
 	if t.ExpirationTime != nil {
 		exp = *t.ExpirationTime
+		margin = min(margin, time.Until(exp)/3)
 	}
 	h.expires.Store(&exp)
+	h.margin.Store(int64(margin))
 }
 
 // login holds a login token current: it logs in, replaces the token before
@@ -160,12 +166,12 @@ func (l *login) Run(ctx context.Context) {
 	}
 }
 
-// valid reports whether the token is still known and more than a minute
-// away from its expiry. Errors other
+// valid reports whether the token is still known and not about to expire
+// (see tokenHolder.margin). Errors other
 // than "ACL not found" (a server away) count as valid: the next check
 // tells.
 func (l *login) valid(ctx context.Context) bool {
-	if exp := l.tok.expires.Load(); exp != nil && !exp.IsZero() && time.Until(*exp) < time.Minute {
+	if exp := l.tok.expires.Load(); exp != nil && !exp.IsZero() && time.Until(*exp) < time.Duration(l.tok.margin.Load()) {
 		l.log.Info("login token expires soon; logging in again", "expires", *exp)
 		return false
 	}
