@@ -16,6 +16,8 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/straitproxy/strait/metrics"
 )
 
 const signMethod = "/hashicorp.consul.connectca.ConnectCAService/Sign"
@@ -41,6 +43,7 @@ type certAuthority struct {
 	now       func() time.Time
 	// datacenter is the one the leaf's SPIFFE ID names: the proxy's node's.
 	datacenter func() string
+	metrics    Counter // nil counts nothing
 
 	mu          sync.Mutex
 	trustDomain string
@@ -114,6 +117,13 @@ func (c *certAuthority) Leaf(ctx context.Context, index uint64) (string, string,
 		return "", "", index, errors.New("trust domain or datacenter not known yet")
 	}
 	certPEM, keyPEM, notBefore, notAfter, err := c.sign(ctx, td, dc)
+	if c.metrics != nil && ctx.Err() == nil {
+		result := "ok"
+		if err != nil {
+			result = "failed"
+		}
+		c.metrics.IncrCounter(metrics.DataplaneLeafSigns, 1, []metrics.Label{{Name: "result", Value: result}})
+	}
 	if err != nil {
 		return "", "", index, err
 	}

@@ -38,6 +38,7 @@ import (
 
 	"github.com/straitproxy/strait/config"
 	"github.com/straitproxy/strait/internal/watch"
+	"github.com/straitproxy/strait/metrics"
 	"github.com/straitproxy/strait/tlsutil"
 )
 
@@ -77,9 +78,21 @@ type Options struct {
 	Credentials Credentials
 	// Logger; nil discards.
 	Logger hclog.Logger
+	// Metrics receives the dataplane's counters (metrics.Dataplane*);
+	// nil counts nothing.
+	Metrics Counter
 	// Resolve looks a host name up; nil means the system resolver.
 	Resolve func(ctx context.Context, host string) ([]string, error)
 }
+
+// Counter is the part of *metrics.Metrics the dataplane uses.
+type Counter interface {
+	IncrCounter(key []string, val float32, labels []metrics.Label)
+}
+
+type noCounter struct{}
+
+func (noCounter) IncrCounter([]string, float32, []metrics.Label) {}
 
 // Dataplane is the connection to the servers: an API client that follows
 // the live server and carries the current token, the login, and the
@@ -137,6 +150,10 @@ func New(opts Options) (*Dataplane, error) {
 	if opts.GRPCPort == 0 {
 		opts.GRPCPort = DefaultGRPCPort
 	}
+	if opts.Metrics == nil {
+		opts.Metrics = noCounter{}
+	}
+	servers.metrics = opts.Metrics
 	d := &Dataplane{opts: opts, log: log, servers: servers, tok: &tokenHolder{}}
 	if opts.Credentials.Type == CredentialStatic {
 		d.tok.set(&api.ACLToken{SecretID: opts.Credentials.StaticToken})
@@ -164,7 +181,7 @@ func New(opts Options) (*Dataplane, error) {
 	}
 	base := http.DefaultTransport.(*http.Transport).Clone()
 	base.TLSClientConfig = tlsCfg
-	d.login = &login{cred: opts.Credentials, tok: d.tok, log: log.Named("login"), check: make(chan struct{}, 1)}
+	d.login = &login{cred: opts.Credentials, tok: d.tok, log: log.Named("login"), check: make(chan struct{}, 1), metrics: opts.Metrics}
 	st := &serverTransport{servers: servers, port: opts.HTTPPort, next: base, token: d.tok.get, revoked: d.login.notifyRevoked}
 	if opts.Credentials.Type != CredentialLogin {
 		st.revoked = nil
@@ -243,6 +260,7 @@ func (d *Dataplane) Datacenter() string {
 // service (agentless: see certAuthority).
 func (d *Dataplane) CertOptions(service, namespace, partition string) (tlsutil.RootsFunc, tlsutil.LeafFunc) {
 	ca := newCertAuthority(d.Client, d.grpc, service, namespace, partition, d.Datacenter, d.log.Named("ca"))
+	ca.metrics = d.opts.Metrics
 	return ca.Roots, ca.Leaf
 }
 

@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/straitproxy/strait/internal/watch"
+	"github.com/straitproxy/strait/metrics"
 )
 
 // Credential types (-credential-type).
@@ -81,12 +82,19 @@ func (h *tokenHolder) set(t *api.ACLToken) {
 // login holds a login token current: it logs in, replaces the token before
 // it expires or when the servers no longer know it, and logs out at the end.
 type login struct {
-	cred   Credentials
-	client *api.Client // its transport adds the held token
-	tok    *tokenHolder
-	log    hclog.Logger
-	check  chan struct{} // a request saw "ACL not found"
-	logins atomic.Uint64
+	cred    Credentials
+	client  *api.Client // its transport adds the held token
+	tok     *tokenHolder
+	log     hclog.Logger
+	check   chan struct{} // a request saw "ACL not found"
+	logins  atomic.Uint64
+	metrics Counter
+}
+
+func (l *login) count(result string) {
+	if l.metrics != nil {
+		l.metrics.IncrCounter(metrics.DataplaneLogins, 1, []metrics.Label{{Name: "result", Value: result}})
+	}
 }
 
 // notifyRevoked asks for a token check soon (never blocks).
@@ -99,6 +107,14 @@ func (l *login) notifyRevoked() {
 
 // Login logs in once.
 func (l *login) Login(ctx context.Context) error {
+	err := l.login(ctx)
+	if err != nil && ctx.Err() == nil {
+		l.count("failed")
+	}
+	return err
+}
+
+func (l *login) login(ctx context.Context) error {
 	bearer := l.cred.BearerToken
 	if l.cred.BearerTokenPath != "" {
 		b, err := os.ReadFile(l.cred.BearerTokenPath)
@@ -118,6 +134,7 @@ func (l *login) Login(ctx context.Context) error {
 	}
 	l.tok.set(tok)
 	l.logins.Add(1)
+	l.count("ok")
 	l.log.Info("logged in", "auth_method", l.cred.AuthMethod, "accessor_id", tok.AccessorID, "expires", tok.ExpirationTime)
 	return nil
 }

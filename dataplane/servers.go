@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/straitproxy/strait/metrics"
 )
 
 // Servers is the set of Consul servers that -addresses names, and the one
@@ -27,6 +29,7 @@ type Servers struct {
 	spec    string
 	resolve func(ctx context.Context, host string) ([]string, error)
 	log     hclog.Logger
+	metrics Counter // set by New; nil counts nothing
 
 	mu      sync.Mutex
 	addrs   []string // resolved IPs (or host names that did not resolve to IPs)
@@ -158,6 +161,9 @@ func (s *Servers) Fail(ctx context.Context, addr string, err error) {
 	}
 	s.mu.Unlock()
 	s.switches.Add(1)
+	if s.metrics != nil {
+		s.metrics.IncrCounter(metrics.DataplaneServerSwitches, 1, nil)
+	}
 	s.log.Warn("server unreachable; moving to the next", "server", addr, "next", next, "error", err)
 	if again {
 		if err := s.Resolve(ctx); err != nil {

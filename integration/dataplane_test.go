@@ -267,6 +267,15 @@ func TestDataplane(t *testing.T) {
 		t.Errorf("web's strait logged in %d times, want 2", n)
 	}
 	eventually(t, 30*time.Second, func() error { return echoVia("tcp", up, 4096, key) })
+	for series, want := range map[string]float64{
+		`dataplane_logins_total{result="ok"}`:     2,
+		`dataplane_server_switches_total`:         1,
+		`dataplane_leaf_signs_total{result="ok"}`: 1,
+	} {
+		if got := metricValue(t, webProxy, series); got != want {
+			t.Errorf("web's %s = %v, want %v", series, got, want)
+		}
+	}
 
 	// A deny intention refuses new connections.
 	a.setIntention(t, "web", "db", api.IntentionActionDeny)

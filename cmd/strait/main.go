@@ -92,6 +92,10 @@ func runProxy(o *options, stdout, stderr io.Writer) int {
 		Name: "strait", Level: hclog.LevelFromString(o.logLevel), JSONFormat: o.logJSON, Output: stderr,
 		IndependentLevels: true,
 	})
+	m := metrics.New(metrics.Options{Logger: log.Named("metrics")})
+	// Deferred early, so it runs after the proxy's shutdown: the push
+	// sinks send what they hold and their goroutines are joined.
+	defer m.Close()
 	var (
 		agent *config.Agent
 		dp    *dataplane.Dataplane
@@ -105,7 +109,7 @@ func runProxy(o *options, stdout, stderr io.Writer) int {
 		}
 		o.dp.proxyID = id
 		dopts := o.dp.options(id)
-		dopts.Logger = log.Named("dataplane")
+		dopts.Logger, dopts.Metrics = log.Named("dataplane"), m
 		if dp, err = dataplane.New(dopts); err != nil {
 			fmt.Fprintf(stderr, "strait: dataplane: %v\n", err)
 			return 2
@@ -152,10 +156,6 @@ func runProxy(o *options, stdout, stderr io.Writer) int {
 
 	accessMode, _ := proxy.ParseAccessLog(o.accessLog)
 	curves, _ := tlsutil.KeyExchange(o.tlsKex)
-	m := metrics.New(metrics.Options{Logger: log.Named("metrics")})
-	// Deferred early, so it runs after the proxy's shutdown: the push
-	// sinks send what they hold and their goroutines are joined.
-	defer m.Close()
 	w := newParts(agent, dp, log, curves, o.tunnels == "on")
 	p := proxy.New(proxy.Options{
 		Parts: w.build, Tunnels: w.tunnels, KTLS: o.ktls, Logger: log,
