@@ -177,11 +177,15 @@ func runProxy(o *options, stdout, stderr io.Writer) int {
 				mux.Handle(pattern, h)
 			}
 			gs, err := admin.ListenHandler(addr, mux, log.Named("lifecycle"), "lifecycle")
-			if err != nil {
+			switch {
+			case err == nil:
+				defer gs.Close()
+			case o.set["graceful-port"] || o.set["graceful-addr"]:
 				fmt.Fprintf(stderr, "strait: dataplane: -graceful-port: %v\n", err)
 				return 2
+			default: // the default port is taken: the admin listener still has the endpoints
+				log.Warn("lifecycle listener not started; the endpoints are on the admin listener", "addr", addr, "error", err)
 			}
-			defer gs.Close()
 		}
 	}
 	httpAddr := agent.Config.Scheme + "://" + agent.Config.Address
