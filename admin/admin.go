@@ -54,6 +54,9 @@ type Options struct {
 	Logger hclog.Logger
 	// Started is the process start, for uptime; zero means now.
 	Started time.Time
+	// Extra are further endpoints, by ServeMux pattern (the dataplane
+	// mode's lifecycle endpoints).
+	Extra map[string]http.Handler
 }
 
 // Server is a bound admin (or pprof) listener. Close stops it and waits
@@ -121,7 +124,24 @@ func Handler(opts Options) http.Handler {
 	if opts.Pprof {
 		mountPprof(mux)
 	}
+	for pattern, eh := range opts.Extra {
+		mux.Handle(pattern, eh)
+	}
 	return mux
+}
+
+// ListenHandler binds addr and serves h on it until Close; what names the
+// listener in logs.
+func ListenHandler(addr string, h http.Handler, log hclog.Logger, what string) (*Server, error) {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	log.Info(what+" listening", "addr", ln.Addr().String())
+	return serve(ln, h, log, what), nil
 }
 
 // Listen binds addr and serves the admin endpoints on it until Close. It

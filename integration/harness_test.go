@@ -351,6 +351,13 @@ func uniq(prefix string) string {
 	return prefix + "-" + hex.EncodeToString(b)
 }
 
+// randomUUID is a random UUID-formatted string (Consul's token secrets).
+func randomUUID(t testing.TB) string {
+	b := randomBytes(t, 16)
+	h := hex.EncodeToString(b)
+	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:32]
+}
+
 // ---------------------------------------------------------------------------
 // the Consul agent
 
@@ -358,6 +365,8 @@ type agent struct {
 	proc        *proc
 	args        []string // to restart it on the same ports and data dir
 	httpAddr    string
+	grpcPort    int    // plaintext public gRPC port
+	token       string // management token when ACLs are on ("" otherwise)
 	client      *api.Client
 	trustDomain string
 	dc          string
@@ -376,10 +385,23 @@ func requireConsul(t testing.TB) {
 // the test knows (so tests can mint leaves signed by the mesh CA).
 func startAgent(t testing.TB) *agent {
 	t.Helper()
+	return startAgentOpts(t, agentOpts{})
+}
+
+// agentOpts vary the dev agent startAgentOpts starts.
+type agentOpts struct {
+	// aclDeny turns ACLs on with default_policy deny; the agent's client
+	// then uses the management token a.token.
+	aclDeny bool
+}
+
+// startAgentOpts is startAgent with options.
+func startAgentOpts(t testing.TB, opts agentOpts) *agent {
+	t.Helper()
 	requireConsul(t)
 	var lastErr error
 	for attempt := 1; attempt <= 3; attempt++ {
-		a, err := tryStartAgent(t)
+		a, err := tryStartAgent(t, opts)
 		if err == nil {
 			a.installCA(t, newTestCA(t, a.trustDomain))
 			return a
@@ -391,7 +413,7 @@ func startAgent(t testing.TB) *agent {
 	return nil
 }
 
-func tryStartAgent(t testing.TB) (*agent, error) {
+func tryStartAgent(t testing.TB, opts agentOpts) (*agent, error) {
 	ports := freePorts(t, 6)
 	dataDir := t.TempDir()
 	node := uniq("strait-it")
@@ -410,8 +432,13 @@ func tryStartAgent(t testing.TB) (*agent, error) {
 		"-serf-wan-port", strconv.Itoa(ports[3]),
 		"-server-port", strconv.Itoa(ports[4]),
 	}
-	a := &agent{args: args, httpAddr: hostPort(ports[0])}
-	client, err := api.NewClient(&api.Config{Address: a.httpAddr, Scheme: "http"})
+	a := &agent{httpAddr: hostPort(ports[0]), grpcPort: ports[1]}
+	if opts.aclDeny {
+		a.token = randomUUID(t)
+		args = append(args, "-hcl", `acl { enabled = true, default_policy = "deny", tokens { initial_management = "`+a.token+`", agent = "`+a.token+`" } }`)
+	}
+	a.args = args
+	client, err := api.NewClient(&api.Config{Address: a.httpAddr, Scheme: "http", Token: a.token})
 	if err != nil {
 		return nil, err
 	}

@@ -46,6 +46,8 @@ type Source struct {
 	tunnels bool
 	log     hclog.Logger
 	now     func() time.Time
+	rootsFn RootsFunc
+	leafFn  LeafFunc
 
 	mu    sync.Mutex // serialises updates of leaf/roots below
 	leaf  *tls.Certificate
@@ -70,7 +72,21 @@ type SourceOptions struct {
 	// Tunnels lets the public listener select ALPNMux when a client
 	// offers it (see ServerConfig).
 	Tunnels bool
+	// Roots and Leaf replace the local agent as the source of the CA roots
+	// and of the leaf certificate (agentless mode, package dataplane); nil
+	// means the agent's /v1/agent/connect/ca/roots and .../leaf/<service>.
+	Roots RootsFunc
+	Leaf  LeafFunc
 }
+
+// RootsFunc returns the CA roots, blocking while index is still current
+// (index 0 answers at once), and the index of what it returns.
+type RootsFunc func(ctx context.Context, index uint64) (*api.CARootList, uint64, error)
+
+// LeafFunc returns the leaf certificate and its private key (PEM), blocking
+// while the leaf of index is still current (index 0 answers at once), and
+// the index of what it returns.
+type LeafFunc func(ctx context.Context, index uint64) (certPEM, keyPEM string, next uint64, err error)
 
 // KeyExchange maps the -tls-kex flag to curve preferences: "hybrid" (Go's
 // default: X25519MLKEM768, then classic curves) protects recorded traffic
@@ -93,7 +109,7 @@ func NewSource(client *api.Client, service string, opts SourceOptions) *Source {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	return &Source{
+	s := &Source{
 		client:  client,
 		service: service,
 		q:       api.QueryOptions{Namespace: opts.Namespace, Partition: opts.Partition},
@@ -102,7 +118,38 @@ func NewSource(client *api.Client, service string, opts SourceOptions) *Source {
 		log:     log,
 		now:     time.Now,
 		ready:   make(chan struct{}),
+		rootsFn: opts.Roots,
+		leafFn:  opts.Leaf,
 	}
+	if s.rootsFn == nil {
+		s.rootsFn = s.agentRoots
+	}
+	if s.leafFn == nil {
+		s.leafFn = s.agentLeaf
+	}
+	return s
+}
+
+// agentRoots is the default RootsFunc: the local agent's cached roots.
+func (s *Source) agentRoots(ctx context.Context, index uint64) (*api.CARootList, uint64, error) {
+	q := &api.QueryOptions{WaitIndex: index, WaitTime: 10 * time.Minute}
+	roots, meta, err := s.client.Agent().ConnectCARoots(q.WithContext(ctx))
+	if err != nil {
+		return nil, index, err
+	}
+	return roots, meta.LastIndex, nil
+}
+
+// agentLeaf is the default LeafFunc: the local agent's leaf, which the
+// agent renews by itself.
+func (s *Source) agentLeaf(ctx context.Context, index uint64) (string, string, uint64, error) {
+	q := s.q
+	q.WaitIndex, q.WaitTime = index, 10*time.Minute
+	leaf, meta, err := s.client.Agent().ConnectCALeaf(s.service, q.WithContext(ctx))
+	if err != nil {
+		return "", "", index, err
+	}
+	return leaf.CertPEM, leaf.PrivateKeyPEM, meta.LastIndex, nil
 }
 
 // Ready is closed once a leaf and roots are present and the leaf chains to
@@ -151,18 +198,17 @@ func (s *Source) Run(ctx context.Context) {
 }
 
 func (s *Source) watchRoots(ctx context.Context, index uint64) (uint64, error) {
-	q := &api.QueryOptions{WaitIndex: index, WaitTime: 10 * time.Minute}
-	roots, meta, err := s.client.Agent().ConnectCARoots(q.WithContext(ctx))
+	roots, last, err := s.rootsFn(ctx, index)
 	if err != nil {
 		return index, fmt.Errorf("fetching CA roots: %w", err)
 	}
-	if meta.LastIndex != index || s.currentRoots() == nil {
+	if last != index || s.currentRoots() == nil {
 		s.mu.Lock()
 		s.roots = roots
 		s.mu.Unlock()
 		s.rebuild()
 	}
-	return meta.LastIndex, nil
+	return last, nil
 }
 
 func (s *Source) currentRoots() *api.CARootList {
@@ -172,8 +218,7 @@ func (s *Source) currentRoots() *api.CARootList {
 }
 
 func (s *Source) watchLeaf(ctx context.Context, index uint64) (uint64, error) {
-	q := s.q
-	q.WaitIndex, q.WaitTime = index, 10*time.Minute
+	wait := index
 	if b := s.cur.Load(); b != nil && s.lateInLife(b) {
 		// The agent renews well before expiry; if we are this late, it has
 		// not. Poll rather than block so a renewal is picked up at once.
@@ -185,19 +230,19 @@ func (s *Source) watchLeaf(ctx context.Context, index uint64) (uint64, error) {
 			s.log.Error("leaf certificate is in its last 10% of life and the agent has not renewed it",
 				"service", s.service, "not_after", b.NotAfter, "remaining", remaining.Round(time.Second))
 		}
-		q.WaitIndex = 0
+		wait = 0
 		if !watch.Sleep(ctx, 5*time.Second) {
 			return index, ctx.Err()
 		}
 	}
-	leaf, meta, err := s.client.Agent().ConnectCALeaf(s.service, q.WithContext(ctx))
+	certPEM, keyPEM, last, err := s.leafFn(ctx, wait)
 	if err != nil {
 		return index, fmt.Errorf("fetching leaf certificate for %q: %w", s.service, err)
 	}
-	if meta.LastIndex == index && s.cur.Load() != nil {
+	if last == index && s.cur.Load() != nil {
 		return index, nil
 	}
-	cert, err := tls.X509KeyPair([]byte(leaf.CertPEM), []byte(leaf.PrivateKeyPEM))
+	cert, err := tls.X509KeyPair([]byte(certPEM), []byte(keyPEM))
 	if err != nil {
 		return index, fmt.Errorf("parsing leaf certificate for %q: %w", s.service, err)
 	}
@@ -205,7 +250,7 @@ func (s *Source) watchLeaf(ctx context.Context, index uint64) (uint64, error) {
 	s.leaf = &cert
 	s.mu.Unlock()
 	s.rebuild()
-	return meta.LastIndex, nil
+	return last, nil
 }
 
 // lateInLife reports whether b's leaf is in the last 10% of its validity.

@@ -77,6 +77,9 @@ type options struct {
 
 	// gw holds the flags of -gateway mode (gateway.go).
 	gw gatewayOptions
+	// dp holds the flags of `strait dataplane` (dataplane.go); nil in
+	// the other modes.
+	dp *dataplaneOptions
 	// set names the flags given on the command line.
 	set map[string]bool
 }
@@ -160,6 +163,14 @@ func parseFlags(args []string) (*options, error) {
 }
 
 func (o *options) validate() error {
+	if err := o.validateCommon(); err != nil {
+		return err
+	}
+	return o.validateMode()
+}
+
+// validateCommon checks the flags every mode shares.
+func (o *options) validateCommon() error {
 	if _, err := tlsutil.KeyExchange(o.tlsKex); err != nil {
 		return usagef("-tls-kex: %v", err)
 	}
@@ -194,6 +205,14 @@ func (o *options) validate() error {
 			return usageError{err.Error()}
 		}
 	}
+	if o.shutdownGrace < 0 {
+		return usagef("-shutdown-grace must not be negative")
+	}
+	return nil
+}
+
+// validateMode checks the flags of agent, flags and gateway modes.
+func (o *options) validateMode() error {
 	if o.gw.kind != "" || o.set["gateway"] {
 		return o.validateGateway()
 	}
@@ -226,9 +245,6 @@ func (o *options) validate() error {
 	}
 	if o.register && o.listen == "" {
 		return usagef("-register requires -listen")
-	}
-	if o.shutdownGrace < 0 {
-		return usagef("-shutdown-grace must not be negative")
 	}
 	seen := map[string]bool{}
 	for _, u := range o.upstreams {
@@ -272,7 +288,10 @@ func (o *options) telemetry() metrics.Telemetry {
 // settings is what the admin listener's /config shows of the flags.
 func (o *options) settings(httpAddr string) admin.Settings {
 	mode := "flags"
-	if o.proxyID != "" || o.sidecarFor != "" {
+	switch {
+	case o.dp != nil:
+		mode = "dataplane"
+	case o.proxyID != "" || o.sidecarFor != "":
 		mode = "agent"
 	}
 	return admin.Settings{

@@ -12,8 +12,12 @@ import (
 	"fmt"
 	"io"
 	stdlog "log"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -22,6 +26,7 @@ import (
 
 	"github.com/straitproxy/strait/admin"
 	"github.com/straitproxy/strait/config"
+	"github.com/straitproxy/strait/dataplane"
 	"github.com/straitproxy/strait/internal/lifecycle"
 	"github.com/straitproxy/strait/internal/watch"
 	"github.com/straitproxy/strait/metrics"
@@ -44,6 +49,24 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if len(args) > 0 && args[0] == "redirect-traffic" {
 		return runRedirect(args[1:], stdout, stderr)
 	}
+	if len(args) > 0 && args[0] == "dataplane" {
+		o, err := parseDataplaneFlags(args[1:])
+		if errors.Is(err, flag.ErrHelp) {
+			if err := writeDataplaneHelp(stdout); err != nil {
+				fmt.Fprintf(stderr, "strait: -h: %v\n", err)
+				return 1
+			}
+			return 0
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "strait: %v\n", err)
+			return 2
+		}
+		if o.dp.checkHealth {
+			return checkProxyHealth(o, stdout, stderr)
+		}
+		return runProxy(o, stdout, stderr)
+	}
 	o, err := parseFlags(args)
 	if errors.Is(err, flag.ErrHelp) {
 		if err := writeHelp(stdout); err != nil {
@@ -59,17 +82,49 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if o.gw.kind != "" {
 		return runGateway(o, stdout, stderr)
 	}
-	agent, err := o.api.Connect()
-	if err != nil {
-		fmt.Fprintf(stderr, "strait: %v\n", err)
-		return 2
-	}
-	client := agent.Client
+	return runProxy(o, stdout, stderr)
+}
+
+// runProxy runs the sidecar proxy in agent, flags or dataplane mode.
+func runProxy(o *options, stdout, stderr io.Writer) int {
 	started := time.Now()
 	log := hclog.New(&hclog.LoggerOptions{
 		Name: "strait", Level: hclog.LevelFromString(o.logLevel), JSONFormat: o.logJSON, Output: stderr,
 		IndependentLevels: true,
 	})
+	m := metrics.New(metrics.Options{Logger: log.Named("metrics")})
+	// Deferred early, so it runs after the proxy's shutdown: the push
+	// sinks send what they hold and their goroutines are joined.
+	defer m.Close()
+	var (
+		agent *config.Agent
+		dp    *dataplane.Dataplane
+		err   error
+	)
+	if o.dp != nil {
+		id, err := o.dp.proxyServiceID()
+		if err != nil {
+			fmt.Fprintf(stderr, "strait: dataplane: %v\n", err)
+			return 2
+		}
+		o.dp.proxyID = id
+		dopts := o.dp.options(id)
+		dopts.Logger, dopts.Metrics = log.Named("dataplane"), m
+		if dp, err = dataplane.New(dopts); err != nil {
+			fmt.Fprintf(stderr, "strait: dataplane: %v\n", err)
+			return 2
+		}
+		// The servers' API client stands in for the agent's.
+		agent = &config.Agent{Client: dp.Client, Config: dp.Config}
+		if len(o.dp.ignored) > 0 || len(o.dp.extra) > 0 {
+			log.Warn("ignoring flags and arguments that configure Envoy or consul-dataplane features strait does not have",
+				"flags", strings.Join(o.dp.ignored, ","), "envoy_args", strings.Join(o.dp.extra, " "))
+		}
+	} else if agent, err = o.api.Connect(); err != nil {
+		fmt.Fprintf(stderr, "strait: %v\n", err)
+		return 2
+	}
+	client := agent.Client
 	if soft, hard, err := lifecycle.RaiseNoFile(); err != nil {
 		log.Warn("could not raise the open-file limit", "error", err)
 	} else {
@@ -101,23 +156,48 @@ func run(args []string, stdout, stderr io.Writer) int {
 
 	accessMode, _ := proxy.ParseAccessLog(o.accessLog)
 	curves, _ := tlsutil.KeyExchange(o.tlsKex)
-	m := metrics.New(metrics.Options{Logger: log.Named("metrics")})
-	// Deferred early, so it runs after the proxy's shutdown: the push
-	// sinks send what they hold and their goroutines are joined.
-	defer m.Close()
-	w := newParts(agent, log, curves, o.tunnels == "on")
+	w := newParts(agent, dp, log, curves, o.tunnels == "on")
 	p := proxy.New(proxy.Options{
 		Parts: w.build, Tunnels: w.tunnels, KTLS: o.ktls, Logger: log,
 		HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace,
 		Metrics: m, Telemetry: o.telemetry(), AccessLog: accessMode, AccessLogger: access,
 		MaxInboundConnections: o.maxInbound, MaxHandshakes: o.maxHandshakes,
 	})
+	// graceful is consul-dataplane's lifecycle (dataplane mode): its
+	// endpoints are on the admin listener and on -graceful-port.
+	var graceful *lifecycleEndpoints
+	var extra map[string]http.Handler
+	if o.dp != nil {
+		graceful = newLifecycleEndpoints(o.dp, p, o.shutdownGrace, log.Named("lifecycle"))
+		extra = graceful.handlers()
+		if o.dp.gracefulPort != 0 {
+			addr := net.JoinHostPort(o.dp.gracefulAddr, strconv.Itoa(o.dp.gracefulPort))
+			mux := http.NewServeMux()
+			for pattern, h := range extra {
+				mux.Handle(pattern, h)
+			}
+			gs, err := admin.ListenHandler(addr, mux, log.Named("lifecycle"), "lifecycle")
+			switch {
+			case err == nil:
+				defer gs.Close()
+			case o.set["graceful-port"] || o.set["graceful-addr"]:
+				fmt.Fprintf(stderr, "strait: dataplane: -graceful-port: %v\n", err)
+				return 2
+			default: // the default port is taken: the admin listener still has the endpoints
+				log.Warn("lifecycle listener not started; the endpoints are on the admin listener", "addr", addr, "error", err)
+			}
+		}
+	}
+	httpAddr := agent.Config.Scheme + "://" + agent.Config.Address
+	if dp != nil {
+		httpAddr = o.dp.addresses
+	}
 	// The admin listener binds before anything else starts, so that /ready
 	// answers 503 with the reason while strait waits for the agent.
 	if o.adminBind != "off" {
 		srv, err := admin.Listen(o.adminBind, admin.Options{
 			Proxy: p, Metrics: m, Pprof: o.adminPprof, Logger: log.Named("admin"), Started: started,
-			Settings: o.settings(agent.Config.Scheme + "://" + agent.Config.Address),
+			Settings: o.settings(httpAddr), Extra: extra,
 		})
 		switch {
 		case err == nil:
@@ -147,6 +227,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 	// feeder delivers configurations; in flags mode with -register it also
 	// owns the registration and deregisters when runCtx ends.
 	bg.Go(func() {
+		if dp != nil {
+			if err := dp.Start(watchCtx); err != nil {
+				return // stopped before the first login
+			}
+			bg.Go(func() { dp.Run(runCtx) })
+			log.Info("dataplane mode", "proxy_service_id", o.dp.proxyID, "node", o.dp.nodeName)
+			dp.WatchRegistration(watchCtx, cfgs)
+			return
+		}
 		if o.proxyID == "" && o.sidecarFor == "" {
 			cfgs <- o.flagsConfig()
 			if o.register {
@@ -180,28 +269,53 @@ func run(args []string, stdout, stderr io.Writer) int {
 	bg.Go(func() { sd.ReadyWhen(runCtx, healthy) })
 	bg.Go(func() { sd.Watchdog(ctx, healthy) })
 
+	// logout ends the dataplane's login once the proxy has stopped.
+	logout := func() {
+		if dp == nil {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := dp.Close(ctx); err != nil {
+			log.Error("logging out", "error", err)
+		}
+	}
+	var gracefulReq <-chan struct{}
+	if graceful != nil {
+		gracefulReq = graceful.shutdownRequested()
+	}
 	for {
+		var why string
 		select {
 		case err := <-runErr:
 			if err != nil {
 				log.Error("proxy failed", "error", err)
 				shutdown(p, log, 0)
 				stopAll()
+				logout()
 				return 1
 			}
 			runErr = nil
+			continue
 		case s := <-sigs:
 			if s == syscall.SIGHUP {
 				sd.Reload(func() { reloadToken(agent, log) })
 				continue
 			}
-			log.Info("signal received; draining", "signal", s.String(), "grace", o.shutdownGrace)
+			why = s.String()
+		case <-gracefulReq:
+			why = "graceful shutdown request"
+			gracefulReq = nil
+		}
+		{
+			log.Info("signal received; draining", "signal", why, "grace", o.shutdownGrace)
 			sd.Stopping()
 			stopRun()
 			done := make(chan struct{})
 			go func() {
 				shutdown(p, log, o.shutdownGrace)
 				stopAll()
+				logout()
 				close(done)
 			}()
 			select {

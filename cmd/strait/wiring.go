@@ -7,6 +7,7 @@ import (
 
 	"github.com/straitproxy/strait/authz"
 	"github.com/straitproxy/strait/config"
+	"github.com/straitproxy/strait/dataplane"
 	"github.com/straitproxy/strait/proxy"
 	"github.com/straitproxy/strait/tlsutil"
 	"github.com/straitproxy/strait/tproxy"
@@ -18,6 +19,7 @@ import (
 // choices and the shared tunnel pool.
 type parts struct {
 	agent   *config.Agent
+	dp      *dataplane.Dataplane // nil except in dataplane mode
 	log     hclog.Logger
 	curves  []tls.CurveID
 	tunnels *tunnel.Pool // nil with -tunnels=off
@@ -25,8 +27,8 @@ type parts struct {
 
 // newParts returns the wiring of the proxy's parts; with tunnels, one
 // tunnel pool (package defaults) for every upstream.
-func newParts(agent *config.Agent, log hclog.Logger, curves []tls.CurveID, tunnels bool) parts {
-	w := parts{agent: agent, log: log, curves: curves}
+func newParts(agent *config.Agent, dp *dataplane.Dataplane, log hclog.Logger, curves []tls.CurveID, tunnels bool) parts {
+	w := parts{agent: agent, dp: dp, log: log, curves: curves}
 	if tunnels {
 		w.tunnels = &tunnel.Pool{}
 	}
@@ -37,10 +39,14 @@ func newParts(agent *config.Agent, log hclog.Logger, curves []tls.CurveID, tunne
 // the upstream factory for the service of the first Config, which in agent
 // mode comes from the registration.
 func (w parts) build(c *config.Config) proxy.Parts {
-	src := tlsutil.NewSource(w.agent.Client, c.Service, tlsutil.SourceOptions{
+	so := tlsutil.SourceOptions{
 		Namespace: c.Namespace, Partition: c.Partition, Logger: w.log.Named("certs"),
 		CurvePreferences: w.curves, Tunnels: w.tunnels != nil,
-	})
+	}
+	if w.dp != nil { // no agent: roots and leaf from the servers
+		so.Roots, so.Leaf = w.dp.CertOptions(c.Service, c.Namespace, c.Partition)
+	}
+	src := tlsutil.NewSource(w.agent.Client, c.Service, so)
 	az := authz.New(w.agent.Client, authz.Options{
 		Target: c.Service, Namespace: c.Namespace, Partition: c.Partition, Logger: w.log,
 		AgentConfig: w.agent.Config,

@@ -23,6 +23,10 @@ type Backoff struct {
 	Min, Max time.Duration
 }
 
+// Delay is the jittered wait after the given number of consecutive
+// failures, for retry loops of their own.
+func (b Backoff) Delay(failures int) time.Duration { return b.delay(failures) }
+
 func (b Backoff) delay(failures int) time.Duration {
 	lo, hi := b.Min, b.Max
 	if lo <= 0 {
