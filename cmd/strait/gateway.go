@@ -400,7 +400,7 @@ func newGatewayRole(o *options, agent *config.Agent, log, access hclog.Logger, a
 // is an upstream of the gateway's service. There is no -address listener.
 func ingressRole(o *options, agent *config.Agent, log, access hclog.Logger, accessMode proxy.AccessLog, m *metrics.Metrics) gatewayRole {
 	curves, _ := tlsutil.KeyExchange(o.tlsKex)
-	w := newParts(agent, log, curves, false)
+	w := newParts(agent, nil, log, curves, false)
 	p := proxy.New(proxy.Options{
 		Parts: w.build, Logger: log.Named("gateway"), AccessLogger: access, AccessLog: accessMode, Metrics: m,
 		HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace,
