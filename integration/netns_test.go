@@ -103,6 +103,13 @@ func (n *netns) startEchoIn(t *testing.T, name, addr string, key byte) *proc {
 // dial connects to addr from inside n: the socket is made on a thread
 // that has joined n (and dies with its goroutine, never back in use).
 func (n *netns) dial(addr string, timeout time.Duration) (net.Conn, error) {
+	return n.dialAs(addr, timeout, -1)
+}
+
+// dialAs is dial with the socket made under uid (when not negative): the
+// thread alone changes its user (raw setresuid, not Go's process-wide
+// one), so iptables' owner match sees a workload that is not the proxy.
+func (n *netns) dialAs(addr string, timeout time.Duration, uid int) (net.Conn, error) {
 	type res struct {
 		c   net.Conn
 		err error
@@ -119,6 +126,14 @@ func (n *netns) dial(addr string, timeout time.Duration) (net.Conn, error) {
 		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
 			ch <- res{nil, fmt.Errorf("setns %s: %w", n.name, err)}
 			return
+		}
+		if uid >= 0 {
+			// Only the effective and file-system ids: the thread keeps
+			// its saved root id, unused, and dies with the goroutine.
+			if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, ^uintptr(0), uintptr(uid), ^uintptr(0)); e != 0 {
+				ch <- res{nil, fmt.Errorf("setresuid %d: %w", uid, e)}
+				return
+			}
 		}
 		c, err := net.DialTimeout("tcp", addr, timeout)
 		ch <- res{c, err}
