@@ -2,6 +2,7 @@ package tproxy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -169,29 +170,46 @@ func (m *Implicit) kick() {
 	}
 }
 
-// askDefault asks the agent how it decides a connection that no
-// intention matches, with a destination name no service has: were an
-// intention to match it, its destination is a wildcard that also matches
+// probeService is a service name no intention should name: the default
+// decision is asked with it.
+const probeService = "strait-default-decision-probe"
+
+// askDefault asks the agent how it decides a connection that no intention
+// matches (Consul's default is one for the whole cluster). First from a
+// made-up source to our own service, which our token may authorize (the
+// agent wants service:write on the target); if an intention matched that
+// (a wildcard source), then from us to a made-up destination: an
+// intention matching that has a wildcard destination, which also matches
 // every candidate, so the default would not matter.
 func (m *Implicit) askDefault() error {
 	uri := m.self()
-	if uri == "" {
+	i := strings.LastIndex(uri, "/svc/")
+	if uri == "" || i < 0 {
 		return fmt.Errorf("leaf certificate not loaded yet")
 	}
-	params := &api.AgentAuthorizeParams{Target: "strait-default-decision-probe", ClientCertURI: uri, ClientCertSerial: "00"}
-	// The api client's ConnectAuthorize takes no context: the agent
-	// answers from its cache at once.
-	res, err := m.client.Agent().ConnectAuthorize(params)
-	if err != nil {
-		return fmt.Errorf("default intention decision: %w", err)
+	probes := []*api.AgentAuthorizeParams{
+		{Target: m.service, ClientCertURI: uri[:i] + "/svc/" + probeService, ClientCertSerial: "00"},
+		{Target: probeService, ClientCertURI: uri, ClientCertSerial: "00"},
 	}
-	m.mu.Lock()
-	m.defaultAllow, m.haveDefault = res.Authorized, true
-	m.mu.Unlock()
-	if !strings.HasPrefix(res.Reason, "Matched ") {
+	var errs []error
+	for _, params := range probes {
+		// The api client's ConnectAuthorize takes no context: the agent
+		// answers from its cache at once.
+		res, err := m.client.Agent().ConnectAuthorize(params)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("default intention decision (%s to %s): %w", params.ClientCertURI, params.Target, err))
+			continue
+		}
+		if strings.HasPrefix(res.Reason, "Matched ") && params.Target == m.service {
+			continue // a wildcard intention decided: try the other way
+		}
+		m.mu.Lock()
+		m.defaultAllow, m.haveDefault = res.Authorized, true
+		m.mu.Unlock()
 		m.log.Trace("default intention decision", "allow", res.Authorized, "reason", res.Reason)
+		return nil
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // publish computes the implicit upstreams once every input is known and
