@@ -97,9 +97,9 @@ type publicView struct {
 
 type upstreamView struct {
 	proxy.UpstreamDestination
-	Listen         string `json:"listen"`
-	Network        string `json:"network"`
-	SocketMode     string `json:"local_bind_socket_mode,omitempty"`
+	Listen     string `json:"listen"`
+	Network    string `json:"network"`
+	SocketMode string `json:"local_bind_socket_mode,omitempty"`
 	// ConnectTimeout is a prepared query's (default applied) and a service
 	// upstream's connect_timeout_ms override; without one a service
 	// upstream's timeouts are its chain's resolvers' (/upstreams).

@@ -26,6 +26,44 @@ type Outbound interface {
 	// Counts reports the implicit upstreams followed, those left out by
 	// a limit, and the addresses routed.
 	Counts() (upstreams, dropped, routes int)
+	// Routes lists the routing table.
+	Routes() []tproxy.RouteStatus
+}
+
+// OutboundStatus is a transparent proxy's outbound side, for the admin
+// listener's /outbound.
+type OutboundStatus struct {
+	// Listeners are the bound outbound listener addresses.
+	Listeners            []string `json:"listeners"`
+	MeshDestinationsOnly bool     `json:"mesh_destinations_only"`
+	// ImplicitUpstreams counts the services followed; LeftOut those the
+	// intentions allow beyond the limit.
+	ImplicitUpstreams int `json:"implicit_upstreams"`
+	LeftOut           int `json:"left_out,omitempty"`
+	// Routes are the destination addresses routed into the mesh.
+	Routes []tproxy.RouteStatus `json:"routes"`
+}
+
+// Outbound reports the outbound side, or false when there is none (not a
+// transparent proxy, or not started).
+func (p *Proxy) Outbound() (OutboundStatus, bool) {
+	p.mu.Lock()
+	router, running := p.router, p.routerRunning
+	var addrs []string
+	for _, l := range p.outbound {
+		addrs = append(addrs, l.addr)
+	}
+	p.mu.Unlock()
+	if router == nil || !running {
+		return OutboundStatus{}, false
+	}
+	ups, left, _ := router.Counts()
+	routes := router.Routes()
+	if routes == nil {
+		routes = []tproxy.RouteStatus{}
+	}
+	return OutboundStatus{Listeners: addrs, MeshDestinationsOnly: router.MeshDestinationsOnly(),
+		ImplicitUpstreams: ups, LeftOut: left, Routes: routes}, true
 }
 
 // DefaultMaxOutboundConnections bounds the open connections of the

@@ -55,6 +55,15 @@ func (r *fakeRouter) Lookup(ip netip.Addr) (tproxy.Route, bool) {
 	return rt, ok
 }
 func (r *fakeRouter) MeshDestinationsOnly() bool { return r.meshOnly.Load() }
+func (r *fakeRouter) Routes() []tproxy.RouteStatus {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []tproxy.RouteStatus
+	for ip, rt := range r.routes {
+		out = append(out, tproxy.RouteStatus{Addr: ip.String(), Upstream: rt.Upstream, Direct: rt.Direct})
+	}
+	return out
+}
 func (r *fakeRouter) Counts() (int, int, int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -226,6 +235,9 @@ func TestOutboundListener(t *testing.T) {
 	}
 	want(t, h.access.next(t), map[string]any{"direction": "outbound", "reason": ReasonOutboundLoop})
 
+	if st, ok := h.p.Outbound(); !ok || len(st.Routes) != 2 || !st.MeshDestinationsOnly || len(st.Listeners) == 0 {
+		t.Errorf("Outbound() = %+v, %v", st, ok)
+	}
 	p := h.prom()
 	for _, w := range []string{
 		`outbound_connections_total{src="web",dst="db",route="virtual"} 3`,
