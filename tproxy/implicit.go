@@ -225,9 +225,21 @@ func (m *Implicit) publish() {
 		m.mu.Unlock()
 		return
 	}
+	prev := m.last
 	m.last, m.published = out, true
 	m.mu.Unlock()
-	m.log.Info("implicit upstreams", "count", len(out), "services", out)
+	var added, removed []string
+	for _, n := range out {
+		if !slices.Contains(prev, n) {
+			added = append(added, n)
+		}
+	}
+	for _, n := range prev {
+		if !slices.Contains(out, n) {
+			removed = append(removed, n)
+		}
+	}
+	m.log.Info("implicit upstreams changed", "count", len(out), "added", firstFew(added), "removed", firstFew(removed))
 	if m.onChange != nil {
 		m.onChange(out)
 	}
@@ -270,4 +282,12 @@ func (m *Implicit) watchIntentions(ctx context.Context) {
 		m.kick() // a change of intentions may come with a change of the default
 		return meta.LastIndex, nil
 	})
+}
+
+// firstFew keeps a log line short: at most 20 names, then how many more.
+func firstFew(names []string) []string {
+	if len(names) <= 20 {
+		return names
+	}
+	return append(slices.Clip(names[:20]), fmt.Sprintf("(%d more)", len(names)-20))
 }

@@ -53,7 +53,6 @@ type Outbound struct {
 
 	mu        sync.Mutex
 	upstreams map[string]*running
-	wanted    []string
 	dropped   int // implicit upstreams beyond max
 
 	rebuild chan struct{}
@@ -143,7 +142,7 @@ func (o *Outbound) follow(ctx context.Context, cat *upstream.Catalog, names []st
 		names = names[:o.max]
 	}
 	o.mu.Lock()
-	o.wanted, o.dropped = names, dropped
+	o.dropped = dropped
 	var stop []*running
 	for name, r := range o.upstreams {
 		if !slices.Contains(names, name) {
