@@ -110,7 +110,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		Parts: w.build, Tunnels: w.tunnels, KTLS: o.ktls, Logger: log,
 		HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace,
 		Metrics: m, Telemetry: o.telemetry(), AccessLog: accessMode, AccessLogger: access,
-		MaxInboundConnections: o.maxInbound, MaxHandshakes: o.maxHandshakes,
+		MaxInboundConnections: o.maxInbound, MaxHandshakes: o.maxHandshakes, MaxOutboundConnections: o.maxOutbound,
 	})
 	// The admin listener binds before anything else starts, so that /ready
 	// answers 503 with the reason while strait waits for the agent.
