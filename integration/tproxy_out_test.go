@@ -127,14 +127,17 @@ func TestTransparentOutboundInNetns(t *testing.T) {
 	}
 	var conn1 net.Conn
 	vip1 := vipOf(db1.name)
-	eventually(t, 30*time.Second, func() error {
+	if err := poll(30*time.Second, func() error {
 		c, err := dialVia(net.JoinHostPort(vip1, "5432"), db1.key)
 		if err != nil {
 			return fmt.Errorf("db1 by its virtual IP %s: %w", vip1, err)
 		}
 		conn1 = c
 		return nil
-	})
+	}); err != nil {
+		nat, _ := exec.Command("ip", "netns", "exec", ns.name, "iptables-save", "-c", "-t", "nat").CombinedOutput()
+		t.Fatalf("%v\nnat table (with counters) in %s:\n%s", err, ns.name, nat)
+	}
 	defer conn1.Close()
 	t.Logf("db1 reached at %s:5432 without an upstream", vip1)
 
