@@ -28,6 +28,9 @@ type Outbound interface {
 	Counts() (upstreams, dropped, routes int)
 	// Routes lists the routing table.
 	Routes() []tproxy.RouteStatus
+	// Ready is closed once the table has its first routes (see
+	// tproxy.Outbound.Ready).
+	Ready() <-chan struct{}
 }
 
 // OutboundStatus is a transparent proxy's outbound side, for the admin
@@ -185,6 +188,19 @@ func (p *Proxy) handleOutbound(ctx context.Context, conn net.Conn, ol *listener,
 		return
 	}
 	rec.endpoint = dst.String()
+	// Right after start the first routes may be on their way: a virtual
+	// IP must not be passed through for want of one.
+	select {
+	case <-p.router.Ready():
+	default:
+		t := time.NewTimer(config.DefaultConnectTimeout)
+		select {
+		case <-p.router.Ready():
+		case <-t.C:
+		case <-ctx.Done():
+		}
+		t.Stop()
+	}
 	if r, ok := p.router.Lookup(dst.Addr()); ok {
 		p.outboundMesh(ctx, conn, ol, rec, r, dst, release)
 		return

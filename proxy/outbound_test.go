@@ -48,6 +48,11 @@ type fakeRouter struct {
 }
 
 func (r *fakeRouter) Run(ctx context.Context) { <-ctx.Done() }
+func (r *fakeRouter) Ready() <-chan struct{} {
+	ch := make(chan struct{})
+	close(ch)
+	return ch
+}
 func (r *fakeRouter) Lookup(ip netip.Addr) (tproxy.Route, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

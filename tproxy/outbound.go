@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
@@ -57,7 +58,23 @@ type Outbound struct {
 
 	rebuild chan struct{}
 	names   chan []string
+	// ready is closed once the implicit upstreams are known and each has
+	// its first chain and endpoints (or after readyTimeout).
+	ready     chan struct{}
+	readyOnce sync.Once
+	haveNames bool // under Run's goroutine only
 }
+
+// readyTimeout bounds how long Ready waits for the first answers: an
+// agent that does not answer must not hold connections forever.
+const readyTimeout = 10 * time.Second
+
+// Ready is closed once the routing table has every implicit upstream the
+// intentions allow, each with its first discovery chain and endpoints, or
+// readyTimeout after Run started. A connection accepted before waits for
+// it (bounded by its own timeout) rather than being passed through for
+// want of a route.
+func (o *Outbound) Ready() <-chan struct{} { return o.ready }
 
 // running is one implicit upstream and how to stop it.
 type running struct {
@@ -76,7 +93,7 @@ func NewOutbound(o OutboundOptions) *Outbound {
 		max = DefaultMaxImplicitUpstreams
 	}
 	return &Outbound{opts: o, log: o.Logger.Named("outbound"), max: max, upstreams: map[string]*running{},
-		rebuild: make(chan struct{}, 1), names: make(chan []string, 1)}
+		rebuild: make(chan struct{}, 1), names: make(chan []string, 1), ready: make(chan struct{})}
 }
 
 // Lookup returns the route of a destination IP.
@@ -119,13 +136,21 @@ func (o *Outbound) Run(ctx context.Context) {
 	wg.Go(func() { im.Run(ctx) })
 	wg.Go(func() { o.watchMesh(ctx) })
 	defer o.stopAll()
+	giveUp := time.NewTimer(readyTimeout)
+	defer giveUp.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case names := <-o.names:
+			o.haveNames = true
 			o.follow(ctx, cat, names)
 		case <-o.rebuild:
+		case <-giveUp.C:
+			o.readyOnce.Do(func() {
+				o.log.Warn("routing without every implicit upstream's first answer", "waited", readyTimeout)
+				close(o.ready)
+			})
 		}
 		o.build()
 	}
@@ -204,12 +229,23 @@ func (o *Outbound) build() {
 		claims = append(claims, Claim{Name: name, Dialer: r.up, Addresses: r.up.Addresses()})
 	}
 	o.mu.Unlock()
+	allReady := o.haveNames
+	for _, c := range claims {
+		select {
+		case <-c.Dialer.Ready():
+		default:
+			allReady = false
+		}
+	}
 	t, conflicts := NewTable(claims)
 	for _, c := range conflicts {
 		o.log.Warn("two upstreams claim one address; routing it to one of them", "addr", c.Addr, "routed_to", c.Kept, "not", c.Dropped)
 	}
 	if old := o.table.Swap(t); old.Len() != t.Len() {
 		o.log.Debug("outbound routes", "addresses", t.Len(), "upstreams", len(claims))
+	}
+	if allReady {
+		o.readyOnce.Do(func() { close(o.ready) })
 	}
 }
 

@@ -471,7 +471,7 @@ func (u *Upstream) rebuild(p *plan, f *feeds) {
 	if snap.ready {
 		u.readyOnce.Do(func() { close(u.ready) })
 	}
-	if u.onAddresses != nil && (prev == nil || !prev.addrs.Equal(snap.addrs)) {
+	if u.onAddresses != nil && (prev == nil || !prev.addrs.Equal(snap.addrs) || (snap.ready && !prev.ready)) {
 		u.onAddresses()
 	}
 }

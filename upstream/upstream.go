@@ -134,8 +134,9 @@ type Options struct {
 	// of the upstream's own, run by Run.
 	Catalog *Catalog
 	// OnAddresses, when set, is called (from Run's goroutine) each time
-	// the upstream's Addresses change: a transparent proxy's routing table
-	// is rebuilt then. It must not block.
+	// the upstream's Addresses change, and when it becomes Ready: a
+	// transparent proxy's routing table is rebuilt then. It must not
+	// block.
 	OnAddresses func()
 }
 
