@@ -28,6 +28,21 @@ const workloadUID = 65534
 // MeshDestinationsOnly.
 func TestTransparentOutboundInNetns(t *testing.T) {
 	t.Parallel()
+	testTransparentOutbound(t, "strait")
+}
+
+// TestTransparentOutboundConsulRulesInNetns is the same with the rules
+// installed by Consul's own `consul connect redirect-traffic`: strait
+// works behind the rules Consul and consul-k8s install.
+func TestTransparentOutboundConsulRulesInNetns(t *testing.T) {
+	t.Parallel()
+	testTransparentOutbound(t, "consul")
+}
+
+// testTransparentOutbound runs the scenario with the iptables rules of
+// rules: "strait" (strait redirect-traffic) or "consul" (consul connect
+// redirect-traffic), same flags.
+func testTransparentOutbound(t *testing.T, rules string) {
 	requireNetns(t)
 	a := startAgent(t)
 	ns := newNetns(t)
@@ -106,10 +121,15 @@ func TestTransparentOutboundInNetns(t *testing.T) {
 		"-proxy-id", proxyID, "-http-addr", "127.0.0.1:8500", "-admin-bind", admin, "-access-log", "on"}, cleanEnv(), true)
 	sp.adminAddr = admin
 	waitReady(t, sp)
-	out, err := exec.Command(straitBin, "redirect-traffic", "-netns", ns.path(), "-http-addr", a.httpAddr,
-		"-proxy-uid", "0", "-proxy-id", proxyID, "-exclude-inbound-port", fmt.Sprint(adminPort)).CombinedOutput()
+	redirect := []string{"redirect-traffic", "-netns", ns.path(), "-http-addr", a.httpAddr,
+		"-proxy-uid", "0", "-proxy-id", proxyID, "-exclude-inbound-port", fmt.Sprint(adminPort)}
+	bin := straitBin
+	if rules == "consul" {
+		bin, redirect = consulBin, append([]string{"connect"}, redirect...)
+	}
+	out, err := exec.Command(bin, redirect...).CombinedOutput()
 	if err != nil {
-		t.Fatalf("strait redirect-traffic: %v\n%s", err, out)
+		t.Fatalf("%s %s: %v\n%s", rules, strings.Join(redirect, " "), err, out)
 	}
 
 	// dialVia opens a connection from the workload in the namespace to
