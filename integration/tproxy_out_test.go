@@ -101,21 +101,26 @@ func testTransparentOutbound(t *testing.T, rules string) {
 	db1 := startDest(0x31)
 	waitReady(t, db1.srv)
 
-	// web: a transparent sidecar with no upstream.
+	// web: a transparent sidecar with no upstream (until the end).
 	web := uniq("web")
-	const webApp, webPub, adminPort = 9090, 21000, 19000
-	err := a.client.Agent().ServiceRegister(&api.AgentServiceRegistration{
-		Name: web, Port: webApp, Address: ns.inner,
-		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
-			Port: webPub, Address: ns.inner,
-			Proxy:  &api.AgentServiceConnectProxyConfig{Mode: api.ProxyModeTransparent, LocalServicePort: webApp},
-			Checks: api.AgentServiceChecks{{Name: "alias", AliasService: web}},
-		}},
-	})
-	if err != nil {
-		t.Fatal(err)
+	const webApp, webPub, adminPort, explicitPort = 9090, 21000, 19000, 9191
+	registerWeb := func(ups ...api.Upstream) {
+		t.Helper()
+		err := a.client.Agent().ServiceRegister(&api.AgentServiceRegistration{
+			Name: web, Port: webApp, Address: ns.inner,
+			Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+				Port: webPub, Address: ns.inner,
+				Proxy:  &api.AgentServiceConnectProxyConfig{Mode: api.ProxyModeTransparent, LocalServicePort: webApp, Upstreams: ups},
+				Checks: api.AgentServiceChecks{{Name: "alias", AliasService: web}},
+			}},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
 	}
+	registerWeb()
 	proxyID := web + "-sidecar-proxy"
+	var err error
 	admin := net.JoinHostPort(ns.inner, fmt.Sprint(adminPort))
 	sp := startProc(t, "strait-web", "ip", []string{"netns", "exec", ns.name, straitBin,
 		"-proxy-id", proxyID, "-http-addr", "127.0.0.1:8500", "-admin-bind", admin, "-access-log", "on"}, cleanEnv(), true)
@@ -269,6 +274,24 @@ func testTransparentOutbound(t *testing.T, rules string) {
 	})
 	if n := plain.Accepts(); n != mark {
 		t.Errorf("the outside server accepted %d connections after MeshDestinationsOnly took effect", n-mark)
+	}
+
+	// An explicit upstream added to the registration works beside the
+	// outbound listener (loopback is not redirected), and virtual IPs
+	// still do.
+	registerWeb(api.Upstream{DestinationName: db2.name, LocalBindPort: explicitPort})
+	eventually(t, 30*time.Second, func() error {
+		c, err := dialVia(net.JoinHostPort("127.0.0.1", fmt.Sprint(explicitPort)), db2.key)
+		if err != nil {
+			return fmt.Errorf("explicit upstream: %w", err)
+		}
+		c.Close()
+		return nil
+	})
+	if c, err := dialVia(net.JoinHostPort(vip2, "443"), db2.key); err != nil {
+		t.Errorf("db2 by its virtual IP beside an explicit upstream: %v", err)
+	} else {
+		c.Close()
 	}
 }
 
