@@ -1,7 +1,8 @@
 // Package admin serves strait's admin HTTP listener (-admin-bind): health
 // (/ready, /live), Prometheus metrics (/metrics), and JSON views of the
 // process (/stats), certificates (/certs), upstreams (/upstreams),
-// intentions (/intentions) and the effective configuration (/config, with
+// intentions (/intentions), a transparent proxy's outbound routes
+// (/outbound) and the effective configuration (/config, with
 // secrets redacted), plus net/http/pprof under /debug/pprof/ when enabled.
 // Every endpoint is GET-only and documented in docs/operations.md.
 package admin
@@ -38,6 +39,7 @@ type Proxy interface {
 	Certs() (proxy.CertInfo, bool)
 	Upstreams() []proxy.UpstreamStatus
 	Intentions() (authz.Snapshot, bool)
+	Outbound() (proxy.OutboundStatus, bool)
 	Config() *config.Config
 }
 
@@ -120,6 +122,7 @@ func Handler(opts Options) http.Handler {
 	mux.HandleFunc("GET /certs", h.certs)
 	mux.HandleFunc("GET /upstreams", h.upstreams)
 	mux.HandleFunc("GET /intentions", h.intentions)
+	mux.HandleFunc("GET /outbound", h.outbound)
 	mux.HandleFunc("GET /config", h.config)
 	if opts.Pprof {
 		mountPprof(mux)
@@ -187,7 +190,7 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	_ = enc.Encode(v)
 }
 
-var endpoints = []string{"/ready", "/live", "/metrics", "/stats", "/certs", "/upstreams", "/intentions", "/config"}
+var endpoints = []string{"/ready", "/live", "/metrics", "/stats", "/certs", "/upstreams", "/intentions", "/outbound", "/config"}
 
 func (h *handlers) index(w http.ResponseWriter, r *http.Request) {
 	eps := endpoints
@@ -298,6 +301,17 @@ func (h *handlers) intentions(w http.ResponseWriter, r *http.Request) {
 	s, ok := h.opts.Proxy.Intentions()
 	if !ok {
 		writeJSON(w, http.StatusServiceUnavailable, map[string]any{"error": "intentions not loaded yet"})
+		return
+	}
+	writeJSON(w, http.StatusOK, s)
+}
+
+// outbound is a transparent proxy's outbound side: its listeners, the
+// implicit upstreams and the routing table; 404 on a proxy without one.
+func (h *handlers) outbound(w http.ResponseWriter, r *http.Request) {
+	s, ok := h.opts.Proxy.Outbound()
+	if !ok {
+		writeJSON(w, http.StatusNotFound, map[string]any{"error": "not a transparent proxy (no outbound listener)"})
 		return
 	}
 	writeJSON(w, http.StatusOK, s)

@@ -349,13 +349,14 @@ func TestRedactArgs(t *testing.T) {
 // fakeProxy answers the admin endpoints without a running proxy.
 type fakeProxy struct{ rd proxy.Readiness }
 
-func (f *fakeProxy) Readiness() proxy.Readiness         { return f.rd }
-func (f *fakeProxy) Listeners() []proxy.ListenerStats   { return nil }
-func (f *fakeProxy) Tunnels() proxy.TunnelStats         { return proxy.TunnelStats{} }
-func (f *fakeProxy) Certs() (proxy.CertInfo, bool)      { return proxy.CertInfo{}, false }
-func (f *fakeProxy) Upstreams() []proxy.UpstreamStatus  { return nil }
-func (f *fakeProxy) Intentions() (authz.Snapshot, bool) { return authz.Snapshot{}, false }
-func (f *fakeProxy) Config() *config.Config             { return nil }
+func (f *fakeProxy) Readiness() proxy.Readiness             { return f.rd }
+func (f *fakeProxy) Listeners() []proxy.ListenerStats       { return nil }
+func (f *fakeProxy) Tunnels() proxy.TunnelStats             { return proxy.TunnelStats{} }
+func (f *fakeProxy) Certs() (proxy.CertInfo, bool)          { return proxy.CertInfo{}, false }
+func (f *fakeProxy) Upstreams() []proxy.UpstreamStatus      { return nil }
+func (f *fakeProxy) Intentions() (authz.Snapshot, bool)     { return authz.Snapshot{}, false }
+func (f *fakeProxy) Outbound() (proxy.OutboundStatus, bool) { return proxy.OutboundStatus{}, false }
+func (f *fakeProxy) Config() *config.Config                 { return nil }
 
 // TestEndpointsGETOnlyNoPprof: without Pprof there is no /debug/pprof/,
 // and the endpoints refuse other methods.

@@ -105,6 +105,15 @@ func FromAgentService(svc *api.AgentService) (*Config, error) {
 		}
 		c.Public = pub
 	}
+	if px.Mode == api.ProxyModeTransparent {
+		c.Outbound = &Outbound{}
+		if tp := px.TransparentProxy; tp != nil {
+			if tp.OutboundListenerPort < 0 || tp.OutboundListenerPort > 65535 {
+				return nil, fmt.Errorf("proxy %q: outbound listener port %d out of range 1-65535", svc.ID, tp.OutboundListenerPort)
+			}
+			c.Outbound.Port = tp.OutboundListenerPort
+		}
+	}
 
 	for i, u := range px.Upstreams {
 		up := Upstream{

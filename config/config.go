@@ -47,6 +47,9 @@ type Config struct {
 	Public *Public
 	// Upstreams are the loopback listeners for outbound traffic.
 	Upstreams []Upstream
+	// Outbound is a transparent proxy's outbound listener, set when the
+	// registration's Proxy.Mode is "transparent"; nil means none.
+	Outbound *Outbound
 
 	// Telemetry is the registration's Proxy.Config["telemetry"] block as
 	// the agent returned it (agent mode; nil when absent). It is decoded
@@ -105,6 +108,29 @@ func (p *Public) LocalConnectTimeoutOrDefault() time.Duration {
 	return orDefault(p.LocalConnectTimeout, DefaultLocalConnectTimeout)
 }
 
+// DefaultOutboundPort is the outbound listener's port when the
+// registration's TransparentProxy.OutboundListenerPort is zero (Consul's
+// iptables.DefaultTProxyOutboundPort).
+const DefaultOutboundPort = 15001
+
+// Outbound configures a transparent proxy's outbound listener, to which
+// iptables redirect the workload's outbound TCP: connections are routed by
+// their original destination IP to the implicit upstreams.
+type Outbound struct {
+	// Port is TransparentProxy.OutboundListenerPort; zero means
+	// DefaultOutboundPort.
+	Port int
+}
+
+// Addrs are the listen addresses: the port on IPv4 and IPv6 loopback.
+func (o *Outbound) Addrs() []string {
+	port := o.Port
+	if port == 0 {
+		port = DefaultOutboundPort
+	}
+	return []string{net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), net.JoinHostPort("::1", strconv.Itoa(port))}
+}
+
 // Upstream configures one outbound listener and its destination.
 type Upstream struct {
 	// DestinationType is TypeService (the zero value means this) or
@@ -143,6 +169,12 @@ type Upstream struct {
 	// leaves the mode service-defaults and proxy-defaults give each
 	// target. It matters only for targets in another datacenter.
 	MeshGatewayMode string
+
+	// Implicit marks an implicit upstream of a transparent proxy: a
+	// service the intentions let this one reach, dialed through the
+	// outbound listener by its virtual IPs. It has no listener of its
+	// own (LocalBind* are unused).
+	Implicit bool
 }
 
 // Mesh gateway modes (Upstream.MeshGatewayMode, a chain target's mode).
@@ -215,7 +247,7 @@ func (u Upstream) Validate() error {
 	default:
 		return fmt.Errorf("upstream %s: mesh gateway mode %q: want none, local or remote", u.DestinationName, u.MeshGatewayMode)
 	}
-	if u.LocalBindSocketPath == "" && (u.LocalBindPort < 1 || u.LocalBindPort > 65535) {
+	if !u.Implicit && u.LocalBindSocketPath == "" && (u.LocalBindPort < 1 || u.LocalBindPort > 65535) {
 		return fmt.Errorf("upstream %s: local bind port %d out of range 1-65535", u.DestinationName, u.LocalBindPort)
 	}
 	return nil

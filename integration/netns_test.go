@@ -101,30 +101,72 @@ func (n *netns) startEchoIn(t *testing.T, name, addr string, key byte) *proc {
 }
 
 // dial connects to addr from inside n: the socket is made on a thread
-// that has joined n (and dies with its goroutine, never back in use).
+// that has joined n for the time of the dial (see do).
 func (n *netns) dial(addr string, timeout time.Duration) (net.Conn, error) {
-	type res struct {
-		c   net.Conn
-		err error
-	}
-	ch := make(chan res, 1)
+	return n.dialAs(addr, timeout, -1)
+}
+
+// dialAs is dial with the socket made under uid (when not negative): the
+// thread alone changes its user (raw setresuid, not Go's process-wide
+// one), so iptables' owner match sees a workload that is not the proxy.
+func (n *netns) dialAs(addr string, timeout time.Duration, uid int) (net.Conn, error) {
+	var c net.Conn
+	err := n.do(func() error {
+		if uid >= 0 {
+			// Only the effective and file-system ids: the saved root id
+			// lets do's caller switch back.
+			if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, ^uintptr(0), uintptr(uid), ^uintptr(0)); e != 0 {
+				return fmt.Errorf("setresuid %d: %w", uid, e)
+			}
+			defer func() {
+				if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, ^uintptr(0), 0, ^uintptr(0)); e != 0 {
+					panic(fmt.Sprintf("restoring euid 0: %v", e)) // never: the saved id is 0
+				}
+			}()
+		}
+		var err error
+		c, err = net.DialTimeout("tcp", addr, timeout)
+		return err
+	})
+	return c, err
+}
+
+// do runs fn on a thread that has joined n, and then returns the thread
+// to the test's own namespace so that Go may reuse it. A thread must not
+// simply exit: startProc's children die with the thread that forked them
+// (Pdeathsig), and any thread may have forked one before it was locked
+// here. Only if the way back fails is the thread left to exit with its
+// goroutine.
+func (n *netns) do(fn func() error) error {
+	errc := make(chan error, 1)
 	go func() {
-		runtime.LockOSThread() // not unlocked: the thread exits with the goroutine
+		runtime.LockOSThread()
+		home, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- err
+			return
+		}
+		defer home.Close()
 		f, err := os.Open(n.path())
 		if err != nil {
-			ch <- res{nil, err}
+			runtime.UnlockOSThread()
+			errc <- err
 			return
 		}
 		defer f.Close()
 		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			ch <- res{nil, fmt.Errorf("setns %s: %w", n.name, err)}
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("setns %s: %w", n.name, err)
 			return
 		}
-		c, err := net.DialTimeout("tcp", addr, timeout)
-		ch <- res{c, err}
+		err = fn()
+		if unix.Setns(int(home.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		} // else: still locked, the thread exits with the goroutine
+		errc <- err
 	}()
-	r := <-ch
-	return r.c, r.err
+	return <-errc
 }
 
 // natRules is the nat table inside n as iptables-save prints it, without
@@ -150,29 +192,13 @@ func (n *netns) natRules(t *testing.T) string {
 // the harness binds to the root namespace's loopback. Stopped at cleanup.
 func (n *netns) forwardInto(t *testing.T, addr, target string) {
 	t.Helper()
-	type res struct {
-		ln  net.Listener
-		err error
-	}
-	ch := make(chan res, 1)
-	go func() {
-		runtime.LockOSThread() // not unlocked: the thread exits with the goroutine
-		f, err := os.Open(n.path())
-		if err != nil {
-			ch <- res{nil, err}
-			return
-		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			ch <- res{nil, err}
-			return
-		}
-		ln, err := net.Listen("tcp", addr)
-		ch <- res{ln, err}
-	}()
-	r := <-ch
-	if r.err != nil {
-		t.Fatalf("listen on %s in %s: %v", addr, n.name, r.err)
+	var ln net.Listener
+	if err := n.do(func() error {
+		var err error
+		ln, err = net.Listen("tcp", addr)
+		return err
+	}); err != nil {
+		t.Fatalf("listen on %s in %s: %v", addr, n.name, err)
 	}
 	var wg sync.WaitGroup
 	var mu sync.Mutex
@@ -184,7 +210,7 @@ func (n *netns) forwardInto(t *testing.T, addr, target string) {
 	}
 	wg.Go(func() {
 		for {
-			c, err := r.ln.Accept()
+			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
@@ -200,7 +226,7 @@ func (n *netns) forwardInto(t *testing.T, addr, target string) {
 		}
 	})
 	t.Cleanup(func() {
-		r.ln.Close()
+		ln.Close()
 		mu.Lock()
 		for c := range open {
 			c.Close()

@@ -132,6 +132,15 @@ var promDescs = map[string]promDesc{
 	"upstream.target_connections":       {"upstream_target_connections_total", kindCounter, 1, "Upstream connections established per discovery chain target."},
 	"upstream.target_healthy_endpoints": {"upstream_target_healthy_endpoints", kindGauge, 1, "Endpoints (healthy instances, or the mesh gateways leading to them) per discovery chain target."},
 	"upstream.target_active":            {"upstream_target_active", kindGauge, 1, "1 while new connections start with this discovery chain target, else 0."},
+	"outbound.conns":                    {"outbound_conns", kindGauge, 1, "Open connections on a transparent proxy's outbound listener."},
+	"outbound.rx_bytes":                 {"outbound_rx_bytes_total", kindCounter, 1, "Bytes received from the local application on the outbound listener."},
+	"outbound.tx_bytes":                 {"outbound_tx_bytes_total", kindCounter, 1, "Bytes sent back to the local application on the outbound listener."},
+	"outbound.conn_duration":            {"outbound_conn_duration_seconds", kindSummary, 1e-3, "Duration of outbound listener connections in seconds."},
+	"outbound.connections":              {"outbound_connections_total", kindCounter, 1, "Outbound listener connections established, by destination and route (virtual, direct, passthrough)."},
+	"outbound.refused":                  {"outbound_refused_total", kindCounter, 1, "Outbound listener connections closed at once, by reason."},
+	"outbound.dial_failed":              {"outbound_dial_failed_total", kindCounter, 1, "Outbound listener connections whose destination could not be dialed, by destination and route."},
+	"outbound.implicit_upstreams":       {"outbound_implicit_upstreams", kindGauge, 1, "Implicit upstreams (services the intentions allow) a transparent proxy follows."},
+	"outbound.routes":                   {"outbound_routes", kindGauge, 1, "Destination addresses the outbound listener routes into the mesh."},
 	"leaf.seconds_to_expiry":            {"leaf_time_to_expiry_seconds", kindGauge, 1, "Seconds until the leaf certificate expires."},
 	"watch.errors":                      {"watch_errors_total", kindCounter, 1, "Failed blocking queries against the local agent, by watch."},
 
@@ -216,3 +225,38 @@ var (
 	// healthy endpoints), else 0.
 	UpstreamTargetActive = []string{"upstream", "target_active"}
 )
+
+// Names of a transparent proxy's outbound listener, labelled {src} (the
+// proxied service) plus what each says.
+var (
+	// OutboundConns is a gauge of open connections on the outbound
+	// listener; OutboundRxBytes counts bytes from the local application,
+	// OutboundTxBytes bytes back to it; OutboundDuration samples the
+	// connections' durations in milliseconds.
+	OutboundConns    = []string{"outbound", "conns"}
+	OutboundRxBytes  = []string{"outbound", "rx_bytes"}
+	OutboundTxBytes  = []string{"outbound", "tx_bytes"}
+	OutboundDuration = []string{"outbound", "conn_duration"}
+	// OutboundConnections counts connections established {dst, route}:
+	// route "virtual" (a virtual IP, through the discovery chain),
+	// "direct" (an instance dialed directly) or "passthrough" (no mesh
+	// destination: to the original destination, unproxied; dst is
+	// "passthrough" too).
+	OutboundConnections = []string{"outbound", "connections"}
+	// OutboundRefused counts connections closed at once {reason}.
+	OutboundRefused = []string{"outbound", "refused"}
+	// OutboundDialFailed counts connections whose destination could not
+	// be dialed {dst, route}.
+	OutboundDialFailed = []string{"outbound", "dial_failed"}
+	// OutboundImplicitUpstreams is a gauge of the implicit upstreams
+	// followed; OutboundRoutes of the addresses routed to them.
+	OutboundImplicitUpstreams = []string{"outbound", "implicit_upstreams"}
+	OutboundRoutes            = []string{"outbound", "routes"}
+)
+
+// OutboundRefusedReasons is the fixed label set of OutboundRefused:
+// mesh_destinations_only (no mesh destination matched and the mesh entry
+// forbids passthrough), max_outbound_connections (the limit), loop (the
+// connection was addressed to the outbound listener itself, or its
+// original destination could not be read).
+var OutboundRefusedReasons = []string{"mesh_destinations_only", "max_outbound_connections", "loop"}

@@ -60,7 +60,7 @@ const (
 
 // accessRecord is one connection's access log line.
 type accessRecord struct {
-	dir      string // "inbound" or "upstream"
+	dir      string // "inbound", "upstream" or "outbound"
 	source   string // SPIFFE ID of the connecting service
 	dest     string // destination service (inbound: ours; upstream: its name)
 	endpoint string // inbound: the application's address; upstream: the endpoint dialed
@@ -82,7 +82,7 @@ type accessRecord struct {
 func isRefusal(reason string) bool {
 	switch reason {
 	case ReasonDenied, ReasonAuthzError, ReasonPlaintextRefused, ReasonHandshakeTimeout, ReasonHandshakeFailed,
-		ReasonAppRefused, ReasonAppUnreachable:
+		ReasonAppRefused, ReasonAppUnreachable, ReasonMeshDestinationsOnly, ReasonOutboundLoop:
 		return true
 	}
 	return false
@@ -108,7 +108,8 @@ func (p *Proxy) logAccess(r *accessRecord) {
 		return
 	case AccessLogDeniedOnly, "":
 		// An authorization that could not be made refuses the peer too.
-		if r.reason != ReasonDenied && r.reason != ReasonAuthzError && r.reason != ReasonRevoked && r.reason != ReasonPlaintextRefused {
+		if r.reason != ReasonDenied && r.reason != ReasonAuthzError && r.reason != ReasonRevoked && r.reason != ReasonPlaintextRefused &&
+			r.reason != ReasonMeshDestinationsOnly {
 			return
 		}
 	}
@@ -131,7 +132,7 @@ func (p *Proxy) logAccess(r *accessRecord) {
 		"duration_ms", float64(time.Since(r.start).Microseconds()) / 1000,
 		"reason", r.reason,
 	}
-	if r.dir == "upstream" {
+	if r.dir == "upstream" || (r.dir == "outbound" && r.target != "") {
 		args = append(args, "attempts", r.attempts, "target", r.target)
 	}
 	if r.detail != "" {

@@ -94,10 +94,14 @@ func (p *Proxy) gaugeFor(key []string, labels []metrics.Label) *connGauge {
 // and /stats. p.mu is held.
 func (p *Proxy) register(l *listener, labels []metrics.Label) {
 	l.labels = labels
-	if l.kind == kindInbound {
+	switch l.kind {
+	case kindInbound:
 		l.rxKey, l.txKey, l.durKey = metrics.InboundRxBytes, metrics.InboundTxBytes, metrics.InboundDuration
 		l.gauge = p.gaugeFor(metrics.InboundConns, labels)
-	} else {
+	case kindOutbound:
+		l.rxKey, l.txKey, l.durKey = metrics.OutboundRxBytes, metrics.OutboundTxBytes, metrics.OutboundDuration
+		l.gauge = p.gaugeFor(metrics.OutboundConns, labels)
+	default:
 		l.rxKey, l.txKey, l.durKey = metrics.UpstreamRxBytes, metrics.UpstreamTxBytes, metrics.UpstreamDuration
 		l.gauge = p.gaugeFor(metrics.UpstreamConns, labels)
 	}
@@ -117,19 +121,22 @@ func (p *Proxy) declare(l *listener) {
 	for _, k := range [][]string{l.rxKey, l.txKey, l.durKey} {
 		m.Declare(k, l.labels)
 	}
-	if l.kind == kindInbound {
-		withReason := func(key []string, reasons []string) {
-			for _, r := range reasons {
-				m.Declare(key, append(l.labels[:len(l.labels):len(l.labels)], metrics.Label{Name: "reason", Value: r}))
-			}
+	withReason := func(key []string, reasons []string) {
+		for _, r := range reasons {
+			m.Declare(key, append(l.labels[:len(l.labels):len(l.labels)], metrics.Label{Name: "reason", Value: r}))
 		}
+	}
+	switch l.kind {
+	case kindOutbound:
+		withReason(metrics.OutboundRefused, metrics.OutboundRefusedReasons)
+	case kindInbound:
 		withReason(metrics.InboundHandshakeFailed, metrics.HandshakeFailedReasons)
 		withReason(metrics.InboundAppDialFailed, metrics.AppDialFailedReasons)
 		withReason(metrics.InboundConnsRefused, metrics.ConnsRefusedReasons)
 		if p.pool != nil {
 			withReason(metrics.InboundTunnelRefused, metrics.TunnelRefusedReasons)
 		}
-	} else {
+	default:
 		m.Declare(metrics.UpstreamDialFailed, l.labels)
 		m.Declare(metrics.UpstreamDialRetries, l.labels)
 	}
@@ -184,6 +191,10 @@ func (p *Proxy) flush() {
 		gauges[l.gauge] = struct{}{}
 	}
 	src := p.src
+	var router Outbound
+	if p.routerRunning {
+		router = p.router
+	}
 	p.mu.Unlock()
 
 	var buf []*liveConn
@@ -221,6 +232,12 @@ func (p *Proxy) flush() {
 	}
 	for g := range gauges {
 		g.emit(p.metrics)
+	}
+	if router != nil {
+		ups, _, routes := router.Counts()
+		src := []metrics.Label{{Name: "src", Value: p.service}}
+		p.metrics.SetGauge(metrics.OutboundImplicitUpstreams, float32(ups), src)
+		p.metrics.SetGauge(metrics.OutboundRoutes, float32(routes), src)
 	}
 	if src != nil {
 		if b := src.Bundle(); b != nil {

@@ -146,10 +146,15 @@ func startHarness(t testing.TB, mode AccessLog, pub config.Public, opt ...func(*
 	// An option may set Parts to supply the parts testParts leaves out
 	// (MTLSMode); the rest is testParts'.
 	custom, base := o.Parts, testParts(h.agent, o.Logger, o.Tunnels)
+	if custom != nil && custom(cfg).Outbound != nil {
+		// A test router: the configuration is a transparent proxy's.
+		cfg.Outbound = &config.Outbound{Port: freeLoopbackPort(t)}
+	}
 	o.Parts = func(c *config.Config) Parts {
 		p := base(c)
 		if custom != nil {
-			p.MTLSMode = custom(c).MTLSMode
+			cp := custom(c)
+			p.MTLSMode, p.Outbound = cp.MTLSMode, cp.Outbound
 		}
 		return p
 	}

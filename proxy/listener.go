@@ -19,6 +19,7 @@ import (
 const (
 	kindInbound  = "inbound"  // the public listener
 	kindUpstream = "upstream" // an upstream listener
+	kindOutbound = "outbound" // a transparent proxy's outbound listener
 )
 
 // listener is one bound listener, the public one or an upstream's: its

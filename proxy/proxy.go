@@ -90,6 +90,9 @@ type Options struct {
 	// MaxHandshakes bounds inbound TLS handshakes in progress; zero means
 	// DefaultMaxHandshakes.
 	MaxHandshakes int
+	// MaxOutboundConnections bounds the open connections of a transparent
+	// proxy's outbound listener; zero means DefaultMaxOutboundConnections.
+	MaxOutboundConnections int
 }
 
 // Parts are what a Proxy runs for its service. The proxy starts Source
@@ -104,6 +107,10 @@ type Parts struct {
 	// on a transparent proxy; the proxy runs it once a configuration's
 	// public listener is transparent. nil means always strict.
 	MTLSMode MTLSMode
+	// Outbound routes the connections of a transparent proxy's outbound
+	// listener; the proxy runs it once a configuration has an Outbound.
+	// nil means a transparent registration gets no outbound listener.
+	Outbound Outbound
 	// Upstream returns the upstream of one configured upstream. It is
 	// called once Source is ready; the proxy runs the upstream for as long
 	// as its listener lives. Required.
@@ -133,14 +140,21 @@ type Proxy struct {
 	mtlsRunning bool // under mu
 	newUpstream func(config.Upstream) (*upstream.Upstream, error)
 	service     string
+	// router is Parts.Outbound; routerRunning is under mu.
+	router        Outbound
+	routerRunning bool
 
 	mu        sync.Mutex
 	public    *listener
-	upstreams map[string]*listener   // by listen address
-	listeners map[*listener]struct{} // every listener until drained
-	gauges    map[string]*connGauge  // *.conns, by label set
-	ready     atomic.Bool
-	shutdown  bool
+	upstreams map[string]*listener // by listen address
+	// outbound are a transparent proxy's outbound listeners (IPv4 and
+	// IPv6 loopback) for outboundCfg.
+	outbound    []*listener
+	outboundCfg *config.Outbound
+	listeners   map[*listener]struct{} // every listener until drained
+	gauges      map[string]*connGauge  // *.conns, by label set
+	ready       atomic.Bool
+	shutdown    bool
 	// telemetryRaw is the telemetry block applied at start;
 	// telemetryErr why it was not; applyErr why the last
 	// configuration was not fully applied.
@@ -165,6 +179,7 @@ type Proxy struct {
 	admitted admittedSet
 
 	admit         *admission // the public listener's limits
+	outAdmit      *admission // the outbound listeners' connection limit
 	regMaxInbound int        // the registration's max_inbound_connections, under mu
 	refusalCounters
 }
@@ -197,6 +212,11 @@ func New(opts Options) *Proxy {
 		upstreams: make(map[string]*listener),
 		listeners: make(map[*listener]struct{}),
 		gauges:    make(map[string]*connGauge),
+	}
+	p.outAdmit = newAdmission(0)
+	p.outAdmit.setMaxConns(opts.MaxOutboundConnections)
+	if opts.MaxOutboundConnections <= 0 {
+		p.outAdmit.setMaxConns(DefaultMaxOutboundConnections)
 	}
 	if p.pool != nil && p.pool.OnViolation == nil {
 		p.pool.OnViolation = p.tunnelViolation
@@ -323,7 +343,7 @@ func (p *Proxy) start(c *config.Config) {
 	parts := p.opts.Parts(c)
 	src, az := parts.Source, parts.Authorizer
 	p.mu.Lock()
-	p.src, p.az, p.newUpstream, p.mtls = src, az, parts.Upstream, parts.MTLSMode
+	p.src, p.az, p.newUpstream, p.mtls, p.router = src, az, parts.Upstream, parts.MTLSMode, parts.Outbound
 	stopped := p.shutdown // Shutdown has begun: start nothing it would not join
 	p.mu.Unlock()
 	if stopped {
@@ -445,6 +465,9 @@ func (p *Proxy) apply(c *config.Config) error {
 		}
 		p.upstreams[key] = ul
 		p.log.Info("upstream listening", "upstream", u.String(), "addr", ul.Addr().String())
+	}
+	if err := p.applyOutbound(c.Outbound); err != nil {
+		errs = append(errs, err)
 	}
 	p.applyErr = errors.Join(errs...)
 	return p.applyErr
@@ -862,6 +885,7 @@ func (p *Proxy) Shutdown(ctx context.Context) {
 	for _, ul := range p.upstreams {
 		ls = append(ls, ul)
 	}
+	ls = append(ls, p.outbound...)
 	p.mu.Unlock()
 	p.ready.Store(false)
 	p.setPhase(phaseStopping)

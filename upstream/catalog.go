@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/netip"
 	"slices"
 	"strconv"
 	"sync"
@@ -77,7 +78,21 @@ type instance struct {
 	// weightPassing and weightWarning are Service.Weights; 0 when Consul
 	// gave none (then 1 applies).
 	weightPassing, weightWarning int
+	// virtual are the instance's consul-virtual and virtual tagged
+	// addresses (a service's virtual IP; consul-k8s puts the ClusterIP in
+	// virtual), which a transparent proxy routes on.
+	virtual []netip.Addr
+	// dialedDirectly is the instance's TransparentProxy.DialedDirectly:
+	// transparent proxies may dial its own address.
+	dialedDirectly bool
 }
+
+// Tagged addresses a transparent proxy routes on (Consul's
+// structs.TaggedAddressVirtualIP and naming.VirtualIPTag).
+const (
+	taggedConsulVirtual = "consul-virtual"
+	taggedVirtual       = "virtual"
+)
 
 // health applies Consul's rules for Envoy endpoints
 // (agent/xds/endpoints.go calculateEndpointHealthAndWeight): any critical
@@ -137,6 +152,14 @@ func instanceOf(e *api.ServiceEntry) (instance, bool) {
 		return instance{}, false
 	}
 	in.lan = net.JoinHostPort(lanHost, strconv.Itoa(s.Port))
+	for _, tag := range []string{taggedConsulVirtual, taggedVirtual} {
+		if a, ok := s.TaggedAddresses[tag]; ok {
+			if ip, err := netip.ParseAddr(a.Address); err == nil && !slices.Contains(in.virtual, ip.Unmap()) {
+				in.virtual = append(in.virtual, ip.Unmap())
+			}
+		}
+	}
+	in.dialedDirectly = s.Proxy != nil && s.Proxy.TransparentProxy != nil && s.Proxy.TransparentProxy.DialedDirectly
 	wanHost, wanPort := s.Address, s.Port
 	if w, ok := s.TaggedAddresses["wan"]; ok && w.Address != "" {
 		wanHost = w.Address

@@ -3,6 +3,7 @@ package upstream
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"time"
@@ -167,6 +168,9 @@ type plan struct {
 	routerMatches int
 	// lbIgnored describes load balancer settings that do not apply.
 	lbIgnored []string
+	// vips are the chain's AutoVirtualIPs and ManualVirtualIPs, sorted;
+	// nil when the chain was fetched with overrides (see getChain).
+	vips []netip.Addr
 }
 
 // leg is one way a connection can go: a resolver, chosen with probability

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"net/netip"
 	"reflect"
 	"slices"
 	"strings"
@@ -26,6 +27,75 @@ type chainSnap struct {
 	targets []*targetSnap // sorted by ID
 	byID    map[string]*targetSnap
 	ready   bool // every target's first answer is in
+	// addrs are the addresses a transparent proxy routes to the chain.
+	addrs Addresses
+}
+
+// Addresses are the destination IPs by which a transparent proxy's
+// outbound listener recognises connections for an upstream, whatever
+// their port (Consul's filter chain matches in agent/xds/listeners.go).
+type Addresses struct {
+	// Virtual are the chain's AutoVirtualIPs and ManualVirtualIPs and
+	// the consul-virtual and virtual tagged addresses of its targets'
+	// instances: a connection to one follows the chain like any other.
+	Virtual []netip.Addr `json:"virtual,omitempty"`
+	// Direct are the addresses of instances registered with
+	// TransparentProxy.DialedDirectly: a connection to one goes to that
+	// very address (DialOptions.Direct), over mTLS with its target's
+	// identity.
+	Direct []netip.Addr `json:"direct,omitempty"`
+}
+
+// Equal reports whether a and b list the same addresses.
+func (a Addresses) Equal(b Addresses) bool {
+	return slices.Equal(a.Virtual, b.Virtual) && slices.Equal(a.Direct, b.Direct)
+}
+
+// Addresses returns the addresses a transparent proxy routes to this
+// upstream now; none for a prepared query or before the chain is known.
+func (u *Upstream) Addresses() Addresses {
+	if snap := u.snap.Load(); snap != nil {
+		return snap.addrs
+	}
+	return Addresses{}
+}
+
+// addressesOf computes a snapshot's Addresses from its plan and the
+// feeds' latest answers: every instance counts, healthy or not (the
+// addresses name the service; health decides where a Dial goes).
+func (u *Upstream) addressesOf(p *plan, f *feeds) Addresses {
+	a := Addresses{Virtual: slices.Clone(p.vips)}
+	for id, t := range p.targets {
+		hf := f.health[id]
+		if hf == nil || t.Peer != "" {
+			continue
+		}
+		ins, _ := hf.instances()
+		remote := t.Datacenter != "" && t.Datacenter != u.localDC
+		for _, in := range ins {
+			if in.service != t.Service {
+				continue
+			}
+			a.Virtual = append(a.Virtual, in.virtual...)
+			if in.dialedDirectly {
+				hostport := in.lan
+				if remote {
+					hostport = in.wan
+				}
+				if ap, err := netip.ParseAddrPort(hostport); err == nil {
+					a.Direct = append(a.Direct, ap.Addr().Unmap())
+				}
+			}
+		}
+	}
+	for _, l := range []*[]netip.Addr{&a.Virtual, &a.Direct} {
+		slices.SortFunc(*l, netip.Addr.Compare)
+		*l = slices.Compact(*l)
+		if len(*l) == 0 {
+			*l = nil
+		}
+	}
+	return a
 }
 
 type legSnap struct {
@@ -244,22 +314,23 @@ func (u *Upstream) watchChain(ctx context.Context, out chan *plan) {
 			Namespace: u.cfg.DestinationNamespace, Partition: u.cfg.DestinationPartition,
 			WaitIndex: index, UseCache: true,
 		}
-		resp, meta, err := u.client.DiscoveryChain().Get(name, opts, q.WithContext(ctx))
+		chain, vips, meta, err := u.getChain(name, opts, q.WithContext(ctx))
 		if err != nil {
 			return 0, fmt.Errorf("upstream %s: discovery chain: %w", u.name, err)
 		}
-		if resp == nil {
+		if chain == nil {
 			return meta.LastIndex, fmt.Errorf("upstream %s: empty discovery chain answer", u.name)
 		}
-		if last != nil && reflect.DeepEqual(resp.Chain, lastChain) {
+		if last != nil && reflect.DeepEqual(chain, lastChain) && slices.Equal(vips, last.vips) {
 			return meta.LastIndex, nil // the wait timed out, or another entry changed
 		}
-		lastChain = resp.Chain
-		p, err := compile(resp.Chain)
+		lastChain = chain
+		p, err := compile(chain)
 		if err != nil {
 			u.log.Error("ignoring a discovery chain that cannot be used; the previous one stays in force", "error", err)
 			return meta.LastIndex, nil
 		}
+		p.vips = vips
 		u.logPlan(p, last)
 		last = p
 		select {
@@ -269,6 +340,47 @@ func (u *Upstream) watchChain(ctx context.Context, out chan *plan) {
 		out <- p
 		return meta.LastIndex, nil
 	})
+}
+
+// chainWithVIPs is a compiled chain with the virtual IPs that
+// api.CompiledDiscoveryChain does not decode.
+type chainWithVIPs struct {
+	Chain *struct {
+		api.CompiledDiscoveryChain
+		AutoVirtualIPs   []string
+		ManualVirtualIPs []string
+	}
+}
+
+// getChain fetches the compiled chain. Without overrides and compiled in
+// the local datacenter (every implicit upstream of a transparent proxy) it
+// is a GET decoded here, so that the chain's AutoVirtualIPs and
+// ManualVirtualIPs (the addresses a transparent proxy routes on) are kept;
+// otherwise it takes the api client (a POST, or the compile-dc parameter,
+// neither of which Raw can send), and the chain's virtual IPs are not
+// known: Consul does not route an explicit upstream with a listener of its
+// own by virtual IP either.
+func (u *Upstream) getChain(name string, opts *api.DiscoveryChainOptions, q *api.QueryOptions) (*api.CompiledDiscoveryChain, []netip.Addr, *api.QueryMeta, error) {
+	if opts.OverrideProtocol != "" || opts.OverrideConnectTimeout != 0 || opts.OverrideMeshGateway.Mode != "" || opts.EvaluateInDatacenter != "" {
+		resp, meta, err := u.client.DiscoveryChain().Get(name, opts, q)
+		if err != nil || resp == nil {
+			return nil, nil, meta, err
+		}
+		return resp.Chain, nil, meta, nil
+	}
+	var out chainWithVIPs
+	meta, err := u.client.Raw().Query("/v1/discovery-chain/"+name, &out, q)
+	if err != nil || out.Chain == nil {
+		return nil, nil, meta, err
+	}
+	var vips []netip.Addr
+	for _, s := range append(slices.Clip(out.Chain.AutoVirtualIPs), out.Chain.ManualVirtualIPs...) {
+		if ip, err := netip.ParseAddr(s); err == nil && !slices.Contains(vips, ip.Unmap()) {
+			vips = append(vips, ip.Unmap())
+		}
+	}
+	slices.SortFunc(vips, netip.Addr.Compare)
+	return &out.Chain.CompiledDiscoveryChain, vips, meta, nil
 }
 
 // logPlan logs what changed in how the chain is followed, and, once per
@@ -354,9 +466,13 @@ func (u *Upstream) rebuild(p *plan, f *feeds) {
 		snap.legs = append(snap.legs, legSnap{weight: l.weight, res: r})
 		snap.cum = append(snap.cum, cum)
 	}
+	snap.addrs = u.addressesOf(p, f)
 	u.snap.Store(snap)
 	if snap.ready {
 		u.readyOnce.Do(func() { close(u.ready) })
+	}
+	if u.onAddresses != nil && (prev == nil || !prev.addrs.Equal(snap.addrs) || (snap.ready && !prev.ready)) {
+		u.onAddresses()
 	}
 }
 

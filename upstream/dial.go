@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"reflect"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -41,6 +42,13 @@ type DialOptions struct {
 	// maglev with a SourceIP hash policy hash its IP; without one (a unix
 	// socket client) they pick at random.
 	Source net.Addr
+	// Direct, when valid, is the original destination of a transparent
+	// proxy's connection to an instance registered with DialedDirectly
+	// (one of Addresses().Direct): the Dial goes to exactly this address,
+	// over mTLS with the identity and SNI of the target the instance
+	// belongs to, with no balancing or failover (Consul's passthrough
+	// clusters).
+	Direct netip.AddrPort
 }
 
 func (o DialOptions) sourceIP() netip.Addr {
@@ -89,6 +97,9 @@ func (u *Upstream) DialConn(ctx context.Context, opts DialOptions) (net.Conn, Di
 }
 
 func (u *Upstream) dial(ctx context.Context, mux bool, opts DialOptions) (net.Conn, DialResult, func(), error) {
+	if opts.Direct.IsValid() {
+		return u.dialDirect(ctx, mux, opts.Direct)
+	}
 	caller := ctx
 	rt, err := u.route(ctx)
 	if err != nil {
@@ -401,4 +412,60 @@ func (u *Upstream) failed(e *endpoint, attempt int, err error) {
 	}
 	log("dial attempt failed", "addr", e.Addr, "service", e.Service, "node", e.Node,
 		"attempt", attempt, "consecutive_failures", n, "skipped_for", eject, "error", err)
+}
+
+// dialDirect dials dst, an instance of one of the chain's targets that is
+// dialed directly (see DialOptions.Direct), with its target's identity,
+// within the target's connect timeout. The connection is counted on the
+// instance's endpoint when it is a healthy one of the target.
+func (u *Upstream) dialDirect(ctx context.Context, mux bool, dst netip.AddrPort) (net.Conn, DialResult, func(), error) {
+	snap := u.snap.Load()
+	if snap == nil || !slices.Contains(snap.addrs.Direct, dst.Addr()) {
+		return nil, DialResult{}, nil, fmt.Errorf("upstream %s: %s is not an instance dialed directly", u.name, dst)
+	}
+	td := u.tls.TrustDomain()
+	if td == "" {
+		return nil, DialResult{}, nil, fmt.Errorf("upstream %s: trust domain not known yet", u.name)
+	}
+	var ep *endpoint
+	for _, t := range snap.targets {
+		if t.set == nil {
+			continue
+		}
+		for _, e := range t.set.eps {
+			if ap, err := netip.ParseAddrPort(e.Addr); err == nil && ap.Addr().Unmap() == dst.Addr() && e.Gateway == "" {
+				ep = &endpoint{Endpoint: e.Endpoint, st: e.st}
+				break
+			}
+		}
+		if ep != nil {
+			break
+		}
+	}
+	if ep == nil {
+		// Not healthy, or not in a set: dial it all the same, as Consul's
+		// passthrough does, with the first target's identity.
+		t := snap.targets[0]
+		ep = &endpoint{Endpoint: Endpoint{Service: t.Service, Namespace: t.Namespace, Partition: t.Partition,
+			Datacenter: t.Datacenter, Target: t.ID, SNI: t.SNI}, st: new(endpointStats)}
+	}
+	ep.Addr = dst.String()
+	timeout := DefaultChainConnectTimeout
+	if t := snap.byID[ep.Target]; t != nil {
+		timeout = t.ConnectTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	ep.st.active.Add(1)
+	c, err := u.dialOne(ctx, ep, td, 1, 0, mux)
+	if err != nil {
+		ep.st.active.Add(-1)
+		return nil, DialResult{Attempts: 1}, nil, fmt.Errorf("upstream %s: direct dial of %s: %w", u.name, dst, err)
+	}
+	var once atomic.Bool
+	return c, DialResult{ep.Endpoint, 1}, func() {
+		if once.CompareAndSwap(false, true) {
+			ep.st.active.Add(-1)
+		}
+	}, nil
 }

@@ -257,6 +257,7 @@ type fakeAgent struct {
 	index     uint64
 	entries   []*api.ServiceEntry
 	chains    map[string]*api.CompiledDiscoveryChain // by name; absent: a default chain
+	vips      map[string][]string                    // a chain's AutoVirtualIPs, by name
 	gateways  map[string][]*api.ServiceEntry         // mesh gateway instances by datacenter
 	changed   chan struct{}                          // closed and replaced on every change
 	failing   bool
@@ -480,7 +481,13 @@ func (a *fakeAgent) serveChain(w http.ResponseWriter, r *http.Request) {
 		if c == nil {
 			c = newChain(name).resolve(tgt(name, "", cmp.Or(q.Get("compile-dc"), "dc1")), nil)
 		}
-		return map[string]any{"Chain": c}, http.StatusOK
+		a.mu.Lock()
+		vips := a.vips[name]
+		a.mu.Unlock()
+		return map[string]any{"Chain": struct {
+			*api.CompiledDiscoveryChain
+			AutoVirtualIPs []string `json:",omitempty"`
+		}{c, vips}}, http.StatusOK
 	})
 }
 

@@ -133,6 +133,11 @@ type Options struct {
 	// targets, shared with other upstreams using it; nil means a Catalog
 	// of the upstream's own, run by Run.
 	Catalog *Catalog
+	// OnAddresses, when set, is called (from Run's goroutine) each time
+	// the upstream's Addresses change, and when it becomes Ready: a
+	// transparent proxy's routing table is rebuilt then. It must not
+	// block.
+	OnAddresses func()
 }
 
 // Upstream discovers and dials the endpoints of one configured upstream.
@@ -155,12 +160,14 @@ type Upstream struct {
 
 	// set is a prepared query's endpoint set; snap a service upstream's
 	// discovery chain with its targets' endpoint sets.
-	set       atomic.Pointer[endpointSet]
-	snap      atomic.Pointer[chainSnap]
-	catalog   *Catalog
-	localDC   string // Options.LocalDatacenter, or the agent's
-	ready     chan struct{}
-	readyOnce sync.Once
+	set     atomic.Pointer[endpointSet]
+	snap    atomic.Pointer[chainSnap]
+	catalog *Catalog
+	localDC string // Options.LocalDatacenter, or the agent's
+	// onAddresses is Options.OnAddresses.
+	onAddresses func()
+	ready       chan struct{}
+	readyOnce   sync.Once
 
 	// stats outlives endpoint sets, so that replacing the set neither
 	// forgets active connections nor clears failure marks. Guarded by
@@ -197,6 +204,7 @@ func New(u config.Upstream, opts Options) (*Upstream, error) {
 		dc:          cmp.Or(u.Datacenter, opts.LocalDatacenter),
 		localDC:     opts.LocalDatacenter,
 		catalog:     opts.Catalog,
+		onAddresses: opts.OnAddresses,
 		queryTTL:    opts.QueryTTL,
 		maxAttempts: opts.MaxAttempts,
 		netDialer:   opts.NetDialer,

@@ -60,6 +60,7 @@ type options struct {
 	tunnels                   string
 	ktls                      string
 	maxInbound, maxHandshakes int
+	maxOutbound               int
 	api                       config.API
 	flagsModeSet, registerSet bool
 
@@ -106,6 +107,7 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.StringVar(&o.tlsKex, "tls-kex", "hybrid", "TLS key exchange, `hybrid|x25519`: hybrid puts post-quantum X25519MLKEM768 first (Go's default), x25519 makes handshakes cheaper.")
 	fs.StringVar(&o.ktls, "ktls", "auto", "Kernel TLS offload, `auto|off`: auto probes and reports it at start.")
 	fs.IntVar(&o.maxInbound, "max-inbound-connections", 0, "`Limit` of concurrent inbound connections (tunnel streams included) plus handshakes in progress; overrides the registration's max_inbound_connections (service-defaults MaxInboundConnections). 0: take the registration's, else no limit.")
+	fs.IntVar(&o.maxOutbound, "max-outbound-connections", proxy.DefaultMaxOutboundConnections, "`Limit` of open connections on a transparent proxy's outbound listener; beyond it new ones are reset at once.")
 	fs.IntVar(&o.maxHandshakes, "max-handshakes", proxy.DefaultMaxHandshakes, "`Limit` of inbound TLS handshakes in progress on the public listener; beyond it new connections are closed at once.")
 	addAPIFlags(fs, &o.api)
 	fs.StringVar(&o.adminBind, "admin-bind", admin.DefaultAddr, "Admin HTTP listener (/ready, /live, /metrics, /stats, ...): `host:port` or off.")
@@ -182,6 +184,9 @@ func (o *options) validateCommon() error {
 	}
 	if o.maxInbound < 0 {
 		return usagef("-max-inbound-connections %d: want 0 (no limit of its own) or more", o.maxInbound)
+	}
+	if o.maxOutbound < 1 {
+		return usagef("-max-outbound-connections %d: want 1 or more", o.maxOutbound)
 	}
 	if o.maxHandshakes < 1 {
 		return usagef("-max-handshakes %d: want 1 or more", o.maxHandshakes)

@@ -58,7 +58,7 @@ var gatewayOnlyFlags = []string{"address", "wan-address", "hello-timeout", "max-
 // proxyOnlyFlags do not apply with -gateway: a mesh gateway has no
 // application, upstreams, certificate or TLS of its own.
 var proxyOnlyFlags = []string{"sidecar-for", "service-addr", "listen", "upstream", "register-id", "tunnels",
-	"tls-kex", "ktls", "max-inbound-connections", "max-handshakes", "datacenter"}
+	"tls-kex", "ktls", "max-inbound-connections", "max-handshakes", "max-outbound-connections", "datacenter"}
 
 func defineGatewayFlags(fs *flag.FlagSet, g *gatewayOptions) {
 	fs.StringVar(&g.kind, "gateway", "", "Run as a gateway of this `kind` instead of a sidecar proxy: mesh (routes TLS by SNI between datacenters, never terminating it), terminating (mesh clients reach the services linked to it, which run no sidecar), ingress (clients outside the mesh reach mesh services on its config entry's listeners).")

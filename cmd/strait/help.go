@@ -27,7 +27,7 @@ var help = usage.Help{
 		{Title: "Observability", Flags: []string{"log-level", "log-json", "access-log", "admin-bind", "admin-pprof", "pprof-addr",
 			"statsd-addr", "statsite-addr", "dogstatsd-addr", "dogstatsd-tags", "metrics-prefix", "disable-hostname"}},
 		{Title: "Gateways (-gateway mesh|terminating|ingress; -wan-address, -max-pending, -max-watches are mesh only; also -service, -proxy-id, -register and the agent API and observability flags)", Flags: []string{"gateway", "address", "wan-address", "hello-timeout", "max-connections", "max-pending", "max-watches"}},
-		{Title: "Tuning", Flags: []string{"shutdown-grace", "half-close-timeout", "tunnels", "tls-kex", "ktls", "max-inbound-connections", "max-handshakes"}},
+		{Title: "Tuning", Flags: []string{"shutdown-grace", "half-close-timeout", "tunnels", "tls-kex", "ktls", "max-inbound-connections", "max-handshakes", "max-outbound-connections"}},
 	},
 	Env: map[string]string{
 		"proxy-id":        "CONNECT_PROXY_ID",

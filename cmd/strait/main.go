@@ -161,7 +161,7 @@ func runProxy(o *options, stdout, stderr io.Writer) int {
 		Parts: w.build, Tunnels: w.tunnels, KTLS: o.ktls, Logger: log,
 		HalfCloseTimeout: o.halfCloseTimeout, DrainTimeout: o.shutdownGrace,
 		Metrics: m, Telemetry: o.telemetry(), AccessLog: accessMode, AccessLogger: access,
-		MaxInboundConnections: o.maxInbound, MaxHandshakes: o.maxHandshakes,
+		MaxInboundConnections: o.maxInbound, MaxHandshakes: o.maxHandshakes, MaxOutboundConnections: o.maxOutbound,
 	})
 	// graceful is consul-dataplane's lifecycle (dataplane mode): its
 	// endpoints are on the admin listener and on -graceful-port.

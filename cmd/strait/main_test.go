@@ -34,6 +34,7 @@ func TestInvalidInput(t *testing.T) {
 		{"bad listen port", []string{"-service", "web", "-service-addr", "127.0.0.1:80", "-listen", "127.0.0.1:99999"}, "-listen"},
 		{"negative max-inbound-connections", []string{"-service", "web", "-max-inbound-connections", "-1"}, "-max-inbound-connections"},
 		{"zero max-handshakes", []string{"-service", "web", "-max-handshakes", "0"}, "-max-handshakes"},
+		{"zero max-outbound-connections", []string{"-service", "web", "-max-outbound-connections", "0"}, "-max-outbound-connections"},
 		{"bad ktls", []string{"-service", "web", "-ktls", "on"}, "-ktls"},
 		{"bad tls-kex", []string{"-service", "web", "-tls-kex", "rsa"}, "-tls-kex"},
 		{"duplicate bind", []string{"-service", "web", "-upstream", "a:9000", "-upstream", "b:9000"}, "two upstreams bind"},

@@ -51,17 +51,32 @@ func (w parts) build(c *config.Config) proxy.Parts {
 		Target: c.Service, Namespace: c.Namespace, Partition: c.Partition, Logger: w.log,
 		AgentConfig: w.agent.Config,
 	})
-	newUpstream := func(u config.Upstream) (*upstream.Upstream, error) {
+	upstreamOptions := func() upstream.Options {
 		var dc string // the agent's datacenter, from our own leaf
 		if b := src.Bundle(); b != nil {
 			dc = b.Identity.Datacenter
 		}
-		return upstream.New(u, upstream.Options{
+		return upstream.Options{
 			Client: w.agent.Client, TLS: src, LocalDatacenter: dc, Tunnels: w.tunnels,
-			Logger: w.log.Named("upstream").With("upstream", u.DestinationName),
-		})
+			Logger: w.log.Named("upstream"),
+		}
+	}
+	newUpstream := func(u config.Upstream) (*upstream.Upstream, error) {
+		o := upstreamOptions()
+		o.Logger = o.Logger.With("upstream", u.DestinationName)
+		return upstream.New(u, o)
 	}
 	// Run only if the registration turns out to be a transparent proxy.
 	mode := tproxy.NewMTLSMode(w.agent.Client, c.Service, c.Namespace, c.Partition, w.log)
-	return proxy.Parts{Source: src, Authorizer: az, Upstream: newUpstream, MTLSMode: mode}
+	out := tproxy.NewOutbound(tproxy.OutboundOptions{
+		Client: w.agent.Client, Service: c.Service, Namespace: c.Namespace, Partition: c.Partition,
+		Upstream: upstreamOptions, Logger: w.log,
+		Self: func() string {
+			if b := src.Bundle(); b != nil {
+				return b.Identity.String()
+			}
+			return ""
+		},
+	})
+	return proxy.Parts{Source: src, Authorizer: az, Upstream: newUpstream, MTLSMode: mode, Outbound: out}
 }
