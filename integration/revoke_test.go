@@ -3,6 +3,7 @@ package integration
 import (
 	"fmt"
 	"net"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -63,8 +64,8 @@ func TestDenyClosesOpenConnections(t *testing.T) {
 		}
 		took := time.Since(start)
 		t.Logf("%s's open connection closed %s after the deny was written", victim.src, took)
-		if took > time.Second {
-			t.Errorf("%s's open connection closed after %s, want within 1s", victim.src, took)
+		if budget := revocationBudget(); took > budget {
+			t.Errorf("%s's open connection closed after %s, want within %s", victim.src, took, budget)
 		}
 		for _, other := range clients[i+1:] {
 			if err := roundTrip(other.conn, randomBytes(t, 4096), key, 10*time.Second); err != nil {
@@ -91,6 +92,19 @@ func TestDenyClosesOpenConnections(t *testing.T) {
 			t.Errorf("inbound_revoked_total for %s = %v, want 1 (series %v)", victim.src, n, series)
 		}
 	}
+}
+
+// revocationBudget is how long after a deny is written its open
+// connections may take to close: strait promises 1 s; a strait built with
+// the race detector (STRAIT_RACE=1, as make test runs it, beside other
+// race-built processes on two cores) runs several times slower on every
+// hop of the deny's way (agent blocking query, strait's re-check, the
+// reset back through the client's sidecar), so it gets 3 s.
+func revocationBudget() time.Duration {
+	if os.Getenv("STRAIT_RACE") == "1" {
+		return 3 * time.Second
+	}
+	return time.Second
 }
 
 // closedWithin reads from c until it ends (EOF or reset) within d; data or a
