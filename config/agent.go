@@ -113,6 +113,7 @@ func FromAgentService(svc *api.AgentService) (*Config, error) {
 			DestinationNamespace: u.DestinationNamespace,
 			DestinationPartition: u.DestinationPartition,
 			Datacenter:           u.Datacenter,
+			DestinationPeer:      u.DestinationPeer,
 			LocalBindAddress:     u.LocalBindAddress,
 			LocalBindPort:        u.LocalBindPort,
 			LocalBindSocketPath:  u.LocalBindSocketPath,

@@ -7,6 +7,7 @@ import (
 
 	"github.com/straitproxy/strait/authz"
 	"github.com/straitproxy/strait/config"
+	"github.com/straitproxy/strait/peering"
 	"github.com/straitproxy/strait/proxy"
 	"github.com/straitproxy/strait/tlsutil"
 	"github.com/straitproxy/strait/tproxy"
@@ -45,17 +46,24 @@ func (w parts) build(c *config.Config) proxy.Parts {
 		Target: c.Service, Namespace: c.Namespace, Partition: c.Partition, Logger: w.log,
 		AgentConfig: w.agent.Config,
 	})
+	// Cluster peering: peers' roots for upstreams in peers, and, with a
+	// public listener, the roots of the peers the service is exported to.
+	popts := peering.Options{Client: w.agent.Client, Logger: w.log, Partition: c.Partition}
+	if c.Public != nil {
+		popts.Service, popts.Inbound = c.Service, src.SetInboundPeers
+	}
+	peers := peering.New(popts)
 	newUpstream := func(u config.Upstream) (*upstream.Upstream, error) {
 		var dc string // the agent's datacenter, from our own leaf
 		if b := src.Bundle(); b != nil {
 			dc = b.Identity.Datacenter
 		}
 		return upstream.New(u, upstream.Options{
-			Client: w.agent.Client, TLS: src, LocalDatacenter: dc, Tunnels: w.tunnels,
+			Client: w.agent.Client, TLS: src, LocalDatacenter: dc, Tunnels: w.tunnels, Peers: peers,
 			Logger: w.log.Named("upstream").With("upstream", u.DestinationName),
 		})
 	}
 	// Run only if the registration turns out to be a transparent proxy.
 	mode := tproxy.NewMTLSMode(w.agent.Client, c.Service, c.Namespace, c.Partition, w.log)
-	return proxy.Parts{Source: src, Authorizer: az, Upstream: newUpstream, MTLSMode: mode}
+	return proxy.Parts{Source: src, Authorizer: az, Upstream: newUpstream, MTLSMode: mode, Peering: peers}
 }
