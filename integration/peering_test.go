@@ -93,7 +93,9 @@ func TestPeeringUpstreamThroughMeshGateway(t *testing.T) {
 			Service struct {
 				Port            int
 				TaggedAddresses map[string]api.ServiceAddress
-				Connect         struct{ PeerMeta struct{ SNI, SpiffeID []string } }
+				Connect         struct {
+					PeerMeta struct{ SNI, SpiffeID []string }
+				}
 			}
 		}
 		q := (&api.QueryOptions{Peer: "cluster-b"}).WithContext(ctxTimeout(t, 10*time.Second))
