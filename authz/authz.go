@@ -238,14 +238,32 @@ func (a *Authorizer) Authorize(ctx context.Context, src tlsutil.Identity, serial
 	if d, ok := st.lookup(src, a.now()); ok {
 		return d, nil
 	}
-	return a.ask(ctx, st, src, serial, v)
+	if src.Peer != "" {
+		if v == undecidable {
+			// Sameness groups may hold peers, but the agent's authorize
+			// knows nothing of peers: fail closed.
+			return Decision{Reason: "a sameness-group intention may apply to a source in peer " + src.Peer + "; strait cannot evaluate it"}, nil
+		}
+		// No intention names this peer source: the default decides. The
+		// agent's authorize ignores trust domains and peers, so it is
+		// asked about a probe in a namespace no intention of Consul CE
+		// names; its answer is the default unless a wildcard-namespace
+		// intention matched the probe.
+		probe := src
+		probe.Peer, probe.Namespace = "", peerProbeNamespace
+		return a.ask(ctx, st, src, probe.String(), serial, v)
+	}
+	return a.ask(ctx, st, src, src.String(), serial, v)
 }
+
+// peerProbeNamespace is the namespace of the identity the agent is asked
+// about to learn the default decision for a source in a cluster peer.
+const peerProbeNamespace = "strait-peer-default-probe"
 
 // ask gets the agent's decision for src and caches it in st. Concurrent
 // callers for the same source and state share one call; each waits only as
 // long as its own ctx allows.
-func (a *Authorizer) ask(ctx context.Context, st *state, src tlsutil.Identity, serial string, v verdict) (Decision, error) {
-	uri := src.String()
+func (a *Authorizer) ask(ctx context.Context, st *state, src tlsutil.Identity, uri, serial string, v verdict) (Decision, error) {
 	if ctx.Err() != nil {
 		return Decision{}, fmt.Errorf("authz: agent authorize %s => %s: %w", uri, a.opts.Target, context.Cause(ctx))
 	}
@@ -256,7 +274,7 @@ func (a *Authorizer) ask(ctx context.Context, st *state, src tlsutil.Identity, s
 		deadline = d
 	}
 	callCtx := context.WithoutCancel(ctx)
-	ch := a.flights.DoChan(strconv.FormatUint(st.gen, 10)+" "+uri, func() (any, error) {
+	ch := a.flights.DoChan(strconv.FormatUint(st.gen, 10)+" "+src.Peer+" "+src.String(), func() (any, error) {
 		// A call that completed between our cache miss and joining the
 		// flight has already stored its answer.
 		if d, ok := st.lookup(src, a.now()); ok {
@@ -280,6 +298,9 @@ func (a *Authorizer) ask(ctx context.Context, st *state, src tlsutil.Identity, s
 			return Decision{}, fmt.Errorf("authz: agent authorize %s => %s: %w", uri, a.opts.Target, err)
 		}
 		d := agentDecision(res, v, st.loaded)
+		if src.Peer != "" && !d.Default {
+			d = Decision{Reason: "default for sources in peer " + src.Peer + " unknown (the agent matched an intention to the probe: " + res.Reason + "); denied"}
+		}
 		prev, had := st.lookupStale(src)
 		st.store(src, d, a.now(), a.opts.DefaultTTL)
 		if had && prev.Allow != d.Allow {

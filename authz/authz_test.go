@@ -476,7 +476,7 @@ func TestSnapshot(t *testing.T) {
 		got.Reason != "matched intention web => db (allow)" {
 		t.Errorf("first intention %+v", got)
 	}
-	if got := s.Intentions[1]; got.SourceName != "web" || got.SourcePeer != "cluster2" || got.Ignored == "" || got.ID != "p1" {
+	if got := s.Intentions[1]; got.SourceName != "web" || got.SourcePeer != "cluster2" || got.Ignored != "" || got.ID != "p1" {
 		t.Errorf("second intention %+v", got)
 	}
 	if len(s.Cached) != 1 || s.Cached[0].Source != apiID.String() || !s.Cached[0].Default {
@@ -646,4 +646,47 @@ func TestChangedSignalsWhatCanRevoke(t *testing.T) {
 	clock.Add(int64(2 * time.Minute))
 	wantDecision(t, authorize(t, a, apiID), false, true, "default: Default behavior configured by ACLs")
 	receive(t, "Changed after the default answer flipped", ch)
+}
+
+// A source in a cluster peer: a SourcePeer intention decides locally; with
+// none, the default is learned from the agent about a probe identity (the
+// agent's authorize knows nothing of peers), cached per source; a probe
+// that the agent matches to an intention denies.
+func TestPeerSource(t *testing.T) {
+	deny := ixn("default", "web", "default", "db", api.IntentionActionDeny)
+	deny.SourcePeer = "cluster2"
+	f := newFakeAgent(t, 42, deny, ixn("default", "web", "default", "db", api.IntentionActionAllow))
+	a := newAuthorizer(t, f, false, Options{})
+	run(t, a)
+	waitReady(t, a)
+
+	if d := authorize(t, a, peerSvc("cluster2", "web")); d.Allow || d.Reason != "matched intention peer:cluster2/default/web => db (deny)" {
+		t.Errorf("cluster2 web: %+v", d)
+	}
+	if d := authorize(t, a, svc("", "default", "web")); !d.Allow {
+		t.Errorf("local web: %+v", d)
+	}
+	if f.totalAuthCalls() != 0 {
+		t.Fatalf("%d agent calls for decisions intentions make", f.totalAuthCalls())
+	}
+
+	// cluster3's web matches neither the local nor the cluster2 intention.
+	src := peerSvc("cluster3", "web")
+	probe := src
+	probe.Peer, probe.Namespace = "", peerProbeNamespace
+	if d := authorize(t, a, src); !d.Allow || !d.Default {
+		t.Errorf("cluster3 web: %+v", d)
+	}
+	authorize(t, a, src)
+	if n := f.calls(probe.String()); n != 1 {
+		t.Errorf("agent asked %d times about the probe %s, want 1 (then cached)", n, probe)
+	}
+	if n := f.calls(src.String()); n != 0 {
+		t.Errorf("agent asked about the peer's own URI %d times", n)
+	}
+
+	f.setAuthorize(http.StatusOK, api.AgentAuthorize{Authorized: true, Reason: "Matched L4 intention: */* => db (allow)"}, nil)
+	if d := authorize(t, a, peerSvc("cluster4", "api")); d.Allow || d.Default {
+		t.Errorf("cluster4 api with a probe the agent matched: %+v", d)
+	}
 }

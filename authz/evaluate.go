@@ -35,7 +35,12 @@ type rule struct {
 	partition string // lower case, "default" when empty
 	namespace string // "default" when empty; may be "*"
 	name      string // may be "*"
-	sameness  bool
+	// peer is SourcePeer, lower case: the rule matches only identities
+	// verified against that peer's roots (tlsutil.Identity.Peer), and a
+	// rule without one only identities of our own mesh, as Envoy's RBAC
+	// principals are built (agent/xds/rbac.go: a peer's trust domain).
+	peer     string
+	sameness bool
 	// ignored is non-empty (the reason) when the rule can never match a
 	// local source of Target.
 	ignored  string
@@ -65,6 +70,7 @@ func compileOne(target string, ixn *api.Intention) rule {
 		partition: strings.ToLower(orDefault(ixn.SourcePartition)),
 		namespace: orDefault(ixn.SourceNS),
 		name:      ixn.SourceName,
+		peer:      strings.ToLower(ixn.SourcePeer),
 		sameness:  ixn.SourceSamenessGroup != "",
 		ixn:       ixn,
 	}
@@ -74,8 +80,6 @@ func compileOne(target string, ixn *api.Intention) rule {
 		// The match endpoint filters by destination; this guards against
 		// a confused or stale agent. Consul's lookup is case-insensitive.
 		r.ignored = "destination is not " + target
-	case ixn.SourcePeer != "":
-		r.ignored = "source is in peer " + ixn.SourcePeer
 	case ixn.SourceName == "":
 		r.ignored = "no source name"
 	}
@@ -97,7 +101,7 @@ func match(rules []rule, src tlsutil.Identity) (int, verdict) {
 	ap := orDefault(src.Partition)
 	for i := range rules {
 		r := &rules[i]
-		if r.ignored != "" ||
+		if r.ignored != "" || (!r.sameness && r.peer != src.Peer) ||
 			(r.namespace != wildcard && r.namespace != ns) ||
 			(r.name != wildcard && r.name != src.Service) {
 			continue

@@ -15,6 +15,14 @@ func svc(partition, namespace, name string) tlsutil.Identity {
 	return tlsutil.ServiceID("11111111-2222-3333-4444-555555555555.consul", partition, namespace, "dc1", name)
 }
 
+// peerSvc is a default-tenancy service identity verified against the roots
+// of the named cluster peer.
+func peerSvc(peer, name string) tlsutil.Identity {
+	id := tlsutil.ServiceID("99999999-2222-3333-4444-555555555555.consul", "", "", "dc2", name)
+	id.Peer = peer
+	return id
+}
+
 // ixn builds an intention with Consul's precedence for its fields.
 func ixn(srcNS, src, dstNS, dst string, action api.IntentionAction) *api.Intention {
 	x := &api.Intention{
@@ -274,6 +282,26 @@ func TestMatch(t *testing.T) {
 			want:       matched,
 			wantAllow:  true,
 			wantReason: "matched intention */* => db (allow)",
+		},
+		{
+			name: "peer intention matches that peer's source only",
+			ixns: []*api.Intention{
+				with(ixn("default", "web", "default", "db", deny), func(x *api.Intention) { x.SourcePeer = "cluster2" }),
+				ixn("*", "*", "default", "db", allow),
+			},
+			src:        peerSvc("cluster2", "web"),
+			want:       matched,
+			wantAllow:  false,
+			wantReason: "matched intention peer:cluster2/default/web => db (deny)",
+		},
+		{
+			name: "local intentions never match a peer's source",
+			ixns: []*api.Intention{
+				ixn("*", "*", "default", "db", allow),
+				with(ixn("default", "web", "default", "db", deny), func(x *api.Intention) { x.SourcePeer = "cluster3" }),
+			},
+			src:  peerSvc("cluster2", "web"),
+			want: noMatch,
 		},
 		{
 			name: "sameness-group intention that may apply is left to the agent",

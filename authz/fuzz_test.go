@@ -35,6 +35,7 @@ func fuzzCase(data []byte) (tlsutil.Identity, []*api.Intention) {
 	if src.Kind == tlsutil.KindService {
 		src.Namespace = pick(b, "default", "ns1", "")
 		src.Service = pick(b/3, "web", "api", "db")
+		src.Peer = pick(b/9, "", "", "peer1", "peer2")
 	}
 
 	var out []*api.Intention
@@ -100,7 +101,7 @@ func refMatch(target string, ixns []*api.Intention, src tlsutil.Identity) (*api.
 		switch {
 		case x == nil,
 			x.DestinationName != "*" && !strings.EqualFold(x.DestinationName, target),
-			x.SourcePeer != "",
+			x.SourceSamenessGroup == "" && !strings.EqualFold(x.SourcePeer, src.Peer),
 			x.SourceName == "",
 			x.SourceNS != "*" && def(x.SourceNS) != def(src.Namespace),
 			x.SourceName != "*" && x.SourceName != src.Service,

@@ -122,6 +122,7 @@ func FromAgentService(svc *api.AgentService) (*Config, error) {
 			DestinationNamespace: u.DestinationNamespace,
 			DestinationPartition: u.DestinationPartition,
 			Datacenter:           u.Datacenter,
+			DestinationPeer:      u.DestinationPeer,
 			LocalBindAddress:     u.LocalBindAddress,
 			LocalBindPort:        u.LocalBindPort,
 			LocalBindSocketPath:  u.LocalBindSocketPath,

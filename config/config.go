@@ -142,6 +142,11 @@ type Upstream struct {
 	DestinationPartition string // empty means "default"
 	// Datacenter is the destination datacenter; empty means the agent's.
 	Datacenter string
+	// DestinationPeer is the cluster peer the service is imported from
+	// (the upstream's destination_peer; flags: <name>@<peer>). Its
+	// instances are /v1/health/connect/<name>?peer=<peer>; no discovery
+	// chain is followed, as in Consul. Empty means our own cluster.
+	DestinationPeer string
 
 	// LocalBindAddress and LocalBindPort form the TCP listener, unless
 	// LocalBindSocketPath is set, in which case a unix socket with mode
@@ -228,6 +233,9 @@ func (u Upstream) String() string {
 	if u.Datacenter != "" {
 		s += " in " + u.Datacenter
 	}
+	if u.DestinationPeer != "" {
+		s += " in peer " + u.DestinationPeer
+	}
 	return s
 }
 
@@ -246,6 +254,14 @@ func (u Upstream) Validate() error {
 	case MeshGatewayDefault, MeshGatewayNone, MeshGatewayLocal, MeshGatewayRemote:
 	default:
 		return fmt.Errorf("upstream %s: mesh gateway mode %q: want none, local or remote", u.DestinationName, u.MeshGatewayMode)
+	}
+	if u.DestinationPeer != "" {
+		switch {
+		case u.Type() != TypeService:
+			return fmt.Errorf("upstream %s: a prepared query cannot have a destination peer", u.DestinationName)
+		case u.Datacenter != "":
+			return fmt.Errorf("upstream %s: destination peer %q and datacenter %q: set one", u.DestinationName, u.DestinationPeer, u.Datacenter)
+		}
 	}
 	if !u.Implicit && u.LocalBindSocketPath == "" && (u.LocalBindPort < 1 || u.LocalBindPort > 65535) {
 		return fmt.Errorf("upstream %s: local bind port %d out of range 1-65535", u.DestinationName, u.LocalBindPort)

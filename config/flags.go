@@ -12,7 +12,8 @@ import (
 //
 //	<name>[.service|.query]:[<bind-host>:]<port>
 //
-// extended with bracketed IPv6 hosts (db:[::1]:8181) and unix sockets
+// extended with a cluster peer (db@peer-b:9191, a service imported from
+// the peering named peer-b), with bracketed IPv6 hosts (db:[::1]:8181) and unix sockets
 // (db:unix:/run/db.sock), which the built-in cannot express. The port is
 // parsed as Consul does (base prefixes such as 0x allowed) and must be in
 // 1-65535. The bind host defaults to 127.0.0.1.
@@ -31,6 +32,15 @@ func ParseUpstream(s string) (Upstream, error) {
 		default:
 			return Upstream{}, fmt.Errorf("upstream %q: type must be blank, 'service' or 'query', got %q", s, typ)
 		}
+	}
+	if n, peer, hasPeer := strings.Cut(name, "@"); hasPeer {
+		if peer == "" || strings.ContainsAny(peer, "@/") {
+			return Upstream{}, fmt.Errorf("upstream %q: bad peer name %q", s, peer)
+		}
+		if u.DestinationType != TypeService {
+			return Upstream{}, fmt.Errorf("upstream %q: a prepared query cannot have a destination peer", s)
+		}
+		name, u.DestinationPeer = n, peer
 	}
 	if name == "" {
 		return Upstream{}, fmt.Errorf("upstream %q: empty destination name", s)

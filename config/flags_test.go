@@ -25,6 +25,8 @@ func TestParseUpstream(t *testing.T) {
 		{"db:0x1F90", Upstream{DestinationType: TypeService, DestinationName: "db", LocalBindPort: 8080}, "127.0.0.1:8080"},
 		{"db:0o17620", Upstream{DestinationType: TypeService, DestinationName: "db", LocalBindPort: 8080}, "127.0.0.1:8080"},
 		{"db:10.0.0.1:0x50", Upstream{DestinationType: TypeService, DestinationName: "db", LocalBindAddress: "10.0.0.1", LocalBindPort: 80}, "10.0.0.1:80"},
+		{"db@peer-b:9191", Upstream{DestinationType: TypeService, DestinationName: "db", DestinationPeer: "peer-b", LocalBindPort: 9191}, "127.0.0.1:9191"},
+		{"db@peer-b.service:9191", Upstream{DestinationType: TypeService, DestinationName: "db", DestinationPeer: "peer-b", LocalBindPort: 9191}, "127.0.0.1:9191"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.in, func(t *testing.T) {
@@ -63,6 +65,9 @@ func TestParseUpstreamErrors(t *testing.T) {
 		".query:80",
 		"db.bogus:80",
 		"db.query.x:80",
+		"pq@peer-b.query:80",
+		"db@:80",
+		"@peer-b:80",
 		"db:0",
 		"db:65536",
 		"db:-1",

@@ -88,6 +88,9 @@ type Catalog struct {
 	local         map[localKey]*localWatch
 	remote        map[string]*remoteWatch
 	datacenters   []string
+	// exported maps a lower-case service name to the peers it is
+	// exported to (/v1/exported-services); nil until the first answer.
+	exported map[string]map[string]bool
 }
 
 type localKey struct{ service, subset string } // lowercase, as in server names
@@ -143,6 +146,7 @@ func (c *Catalog) Run(ctx context.Context) {
 	c.wg.Go(func() { c.watchResolvers(ctx) })
 	c.wg.Go(func() { c.runDatacenters(ctx) })
 	c.wg.Go(func() { c.janitor(ctx) })
+	c.wg.Go(func() { c.watchExported(ctx) })
 	<-ctx.Done()
 	c.mu.Lock()
 	c.stopped = true
@@ -319,6 +323,12 @@ func (c *Catalog) targetLocked(sni string) (*Target, error) {
 	if !ok {
 		return nil, &RouteError{Result: ResultUnknownSNI, Reason: UnknownService}
 	}
+	if n.Peer != "" && !c.exported[n.Service][n.Peer] {
+		// Only what the exported-services entry offers that peer: a
+		// peer's proxies cannot name any other service of ours.
+		return nil, &RouteError{Result: ResultUnknownSNI, Reason: UnknownNotExported}
+	}
+	n.Peer = "" // a peered name shares the service's local route
 	filter, onlyPassing, timeout, ok := c.subsetLocked(n.Service, n.Subset)
 	if !ok {
 		return nil, &RouteError{Result: ResultUnknownSNI, Reason: UnknownSubset}
@@ -343,6 +353,58 @@ func (c *Catalog) targetLocked(sni string) (*Target, error) {
 	c.gaugesLocked()
 	c.log.Debug("watching a local target", "target", n.Target(), "filter", filter)
 	return lw.t, nil
+}
+
+// DefaultForbiddenRetry paces the exported-services watch when the token
+// may not read it (403: mesh:read missing).
+const DefaultForbiddenRetry = 5 * time.Minute
+
+// watchExported follows /v1/exported-services (blocking): which services
+// of ours each cluster peer may reach through this gateway with a peered
+// name. A 403 leaves peered names unrouted, logged once, re-checked every
+// DefaultForbiddenRetry.
+func (c *Catalog) watchExported(ctx context.Context) {
+	logged := false
+	watch.Loop(ctx, c.log, "exported-services", watch.Backoff{}, func(ctx context.Context, index uint64) (uint64, error) {
+		q := &api.QueryOptions{WaitIndex: index}
+		svcs, meta, err := c.client.ExportedServices(q.WithContext(ctx))
+		if err != nil {
+			var se api.StatusError
+			if errors.As(err, &se) && se.Code == 403 {
+				if !logged {
+					c.log.Warn("the token may not read exported-services (mesh:read); peered names are not routed", "error", err)
+					logged = true
+				}
+				if !watch.Sleep(ctx, DefaultForbiddenRetry) {
+					return 0, ctx.Err()
+				}
+				return 0, nil
+			}
+			return 0, fmt.Errorf("watching the exported services: %w", err)
+		}
+		logged = false
+		ex := map[string]map[string]bool{}
+		for _, e := range svcs {
+			if e.Namespace != "" && e.Namespace != "default" {
+				continue
+			}
+			name := strings.ToLower(e.Service)
+			for _, p := range e.Consumers.Peers {
+				if ex[name] == nil {
+					ex[name] = map[string]bool{}
+				}
+				ex[name][strings.ToLower(p)] = true
+			}
+		}
+		c.mu.Lock()
+		changed := !maps.EqualFunc(c.exported, ex, maps.Equal) || c.exported == nil
+		c.exported = ex
+		c.mu.Unlock()
+		if changed {
+			c.log.Info("exported services", "services", len(ex))
+		}
+		return meta.LastIndex, nil
+	})
 }
 
 // evictLocked stops the watch of the least recently used local target

@@ -16,6 +16,11 @@
 //     datacenter, at their LAN addresses; a subset (or the resolver's
 //     DefaultSubset) filters them with the service-resolver's subset
 //     Filter, and OnlyPassing is honoured;
+//   - "<service>.default.default.<peer>.external.<trust-domain>", a
+//     cluster peer's proxies reaching a service we export to that peer:
+//     the service's instances as for a local name, but only while
+//     /v1/exported-services lists <peer> (our name for the peering) as a
+//     consumer of the service (else not_exported);
 //   - anything else is closed and counted (gateway.unknown_sni).
 //
 // It then dials the least-loaded healthy endpoint (the next one on a

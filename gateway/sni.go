@@ -1,6 +1,9 @@
 package gateway
 
-import "strings"
+import (
+	"slices"
+	"strings"
+)
 
 // Route kinds: where a server name sends a connection.
 const (
@@ -24,12 +27,13 @@ const (
 	UnknownDatacenter       = "unknown_datacenter" // a datacenter not in /v1/catalog/datacenters
 	UnknownService          = "unknown_service"    // not in this datacenter's catalog
 	UnknownSubset           = "unknown_subset"     // the service's resolver defines no such subset
+	UnknownNotExported      = "not_exported"       // a peered name of a service not exported to that peer
 	UnknownMalformed        = "malformed"          // the labels do not make a service name
 )
 
 // UnknownReasons lists every reason, for declaring the metric's series.
 var UnknownReasons = []string{UnknownNoSNI, UnknownWrongTrustDomain, UnknownNotService, UnknownPartition,
-	UnknownNamespace, UnknownDatacenter, UnknownService, UnknownSubset, UnknownMalformed}
+	UnknownNamespace, UnknownDatacenter, UnknownService, UnknownSubset, UnknownNotExported, UnknownMalformed}
 
 // Name is what a server name addresses, as Consul builds them
 // (agent/connect/sni.go): "<subset>.<service>.<namespace>.<dc>.internal.<td>"
@@ -40,6 +44,12 @@ type Name struct {
 	Datacenter string
 	// Local only.
 	Service, Subset, Namespace string
+	// Peer is set for a peered name,
+	// "<service>.<namespace>.<partition>.<peer>.external.<td>": what a
+	// cluster peer's proxies send for a service we export to it
+	// (agent/connect/sni.go PeeredServiceSNI), <peer> being our name for
+	// that peering. It routes to the local service, like a local name.
+	Peer string
 }
 
 // Target is the route's name in logs, metrics and /routes: the
@@ -73,6 +83,8 @@ func ParseName(sni, td, localDC string) (Name, string) {
 		return Name{}, UnknownWrongTrustDomain
 	case strings.HasSuffix(sni, ".internal-v1."+td):
 		return Name{}, UnknownPartition
+	case strings.HasSuffix(sni, ".external."+td):
+		return parsePeered(strings.Split(strings.TrimSuffix(sni, ".external."+td), "."), localDC)
 	case !strings.HasSuffix(sni, ".internal."+td):
 		return Name{}, UnknownNotService
 	}
@@ -94,6 +106,22 @@ func ParseName(sni, td, localDC string) (Name, string) {
 		return Name{}, UnknownMalformed
 	}
 	if n.Namespace != "default" {
+		return Name{}, UnknownNamespace
+	}
+	return n, ""
+}
+
+// parsePeered reads the labels of a peered name before ".external.<td>":
+// service, namespace, partition, peer.
+func parsePeered(labels []string, localDC string) (Name, string) {
+	if len(labels) != 4 || slices.Contains(labels, "") {
+		return Name{}, UnknownMalformed
+	}
+	n := Name{Kind: KindLocal, Datacenter: localDC, Service: labels[0], Namespace: labels[1], Peer: labels[3]}
+	switch {
+	case labels[2] != "default":
+		return Name{}, UnknownPartition
+	case n.Namespace != "default":
 		return Name{}, UnknownNamespace
 	}
 	return n, ""

@@ -115,7 +115,14 @@ type Parts struct {
 	// called once Source is ready; the proxy runs the upstream for as long
 	// as its listener lives. Required.
 	Upstream func(u config.Upstream) (*upstream.Upstream, error)
+	// Peering follows cluster peers' roots for upstreams in peers and
+	// for the public listener's clients from peers (package peering); the
+	// proxy runs it with Source. nil means no cluster peering.
+	Peering Runner
 }
+
+// Runner is a background part the proxy runs until Shutdown.
+type Runner interface{ Run(ctx context.Context) }
 
 // Proxy runs the public listener and the upstream listeners of one Config
 // and follows configuration changes without disturbing unrelated
@@ -352,6 +359,9 @@ func (p *Proxy) start(c *config.Config) {
 	p.setPhase(phaseWaitingCerts)
 	p.bg.Go(func() { src.Run(p.ctx) })
 	p.bg.Go(func() { az.Run(p.ctx) })
+	if parts.Peering != nil {
+		p.bg.Go(func() { parts.Peering.Run(p.ctx) })
+	}
 	p.bg.Go(p.flushLoop)
 	p.bg.Go(p.revokeLoop)
 }

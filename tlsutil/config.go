@@ -62,7 +62,9 @@ const ALPNMux = "strait-mux/2"
 // rotated leaf or root set applies to new handshakes at once while existing
 // connections are untouched. Client certificates are required, verified
 // against the roots for ClientAuth, must be in our trust domain, and are
-// then authorized; all of this runs in VerifyConnection, which Go calls on
+// then authorized (a client of a cluster peer the service is exported to
+// is verified against that peer's roots instead, see SetInboundPeers); all
+// of this runs in VerifyConnection, which Go calls on
 // resumed sessions too. No ALPN protocol is offered.
 func (s *Source) ServerConfig(authorize Authorizer) *tls.Config {
 	base := &tls.Config{MinVersion: tls.VersionTLS12}
@@ -88,7 +90,7 @@ func (s *Source) ServerConfig(authorize Authorizer) *tls.Config {
 				return s.presentable(b)
 			},
 			VerifyConnection: func(cs tls.ConnectionState) error {
-				id, serial, err := verifyPeer(b, cs.PeerCertificates, x509.ExtKeyUsageClientAuth)
+				id, serial, err := s.verifyClient(b, cs.PeerCertificates)
 				if err != nil {
 					return err
 				}
@@ -317,5 +319,5 @@ func (s *Source) PeerOf(cs tls.ConnectionState) (Identity, string, error) {
 	if b == nil {
 		return Identity{}, "", ErrNotReady
 	}
-	return verifyPeer(b, cs.PeerCertificates, x509.ExtKeyUsageClientAuth)
+	return s.verifyClient(b, cs.PeerCertificates)
 }

@@ -49,6 +49,11 @@ type Identity struct {
 	Datacenter  string
 	Service     string // service identities only
 	NodeID      string // agent identities only
+	// Peer is the cluster peer whose trust domain issued the identity,
+	// by our name for the peering; empty for our own mesh. It is set only
+	// on identities verified against a peer's roots (a client of the
+	// public listener), never by ParseID.
+	Peer string
 }
 
 // Errors returned by ParseID, for callers that branch on the reason.

@@ -59,6 +59,11 @@ type Source struct {
 
 	clientMu   sync.Mutex
 	clientCfgs map[clientKey]*tls.Config
+	peerCfgs   map[peerClientKey]*tls.Config
+
+	// inbound are the cluster peers whose clients the public listener
+	// accepts, by lower-case trust domain (SetInboundPeers).
+	inbound atomic.Pointer[map[string]*PeerRoots]
 }
 
 // SourceOptions configure a Source. The zero value is valid.

@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"net/url"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -53,13 +55,17 @@ func (c *Catalog) Close() {
 	c.wg.Wait()
 }
 
-// healthKey is one /v1/health/connect query.
+// healthKey is one /v1/health/connect query: in a datacenter of ours, or
+// of a cluster peer's imported services.
 type healthKey struct {
-	service, namespace, partition, datacenter, filter string
+	service, namespace, partition, datacenter, filter, peer string
 }
 
 func (k healthKey) String() string {
 	s := "health/connect/" + k.service + "?dc=" + k.datacenter
+	if k.peer != "" {
+		s = "health/connect/" + k.service + "?peer=" + k.peer
+	}
 	if k.filter != "" {
 		s += "&filter=" + k.filter
 	}
@@ -85,6 +91,10 @@ type instance struct {
 	// dialedDirectly is the instance's TransparentProxy.DialedDirectly:
 	// transparent proxies may dial its own address.
 	dialedDirectly bool
+	// peerSNI and peerIDs are an imported instance's
+	// Service.Connect.PeerMeta: its first SNI and its SPIFFE IDs,
+	// comma-joined.
+	peerSNI, peerIDs string
 }
 
 // Tagged addresses a transparent proxy routes on (Consul's
@@ -294,10 +304,70 @@ func queryNS(s string) string {
 	return s
 }
 
+// peerServiceEntry is a /v1/health/connect entry with what
+// api.AgentService lacks: Connect.PeerMeta of an imported instance.
+type peerServiceEntry struct {
+	Node    *api.Node
+	Service *struct {
+		api.AgentService
+		Connect *struct {
+			PeerMeta *struct {
+				SNI      []string
+				SpiffeID []string
+			}
+		}
+	}
+	Checks api.HealthChecks
+}
+
+// watchPeerHealth is watchHealth for a peer's imported service:
+// /v1/health/connect/<service>?peer=<peer>. The instances are the
+// exporting cluster's mesh gateways standing for the service, each with
+// the SNI to send and the identities to accept.
+func (c *Catalog) watchPeerHealth(ctx context.Context, k healthKey, f *feed) {
+	watch.Loop(ctx, c.log, k.String(), watch.Backoff{}, func(ctx context.Context, index uint64) (uint64, error) {
+		q := &api.QueryOptions{
+			Peer: k.peer, Namespace: queryNS(k.namespace), Partition: queryNS(k.partition),
+			Filter: k.filter, WaitIndex: index,
+		}
+		var entries []peerServiceEntry
+		meta, err := c.client.Raw().Query("/v1/health/connect/"+url.PathEscape(k.service), &entries, q.WithContext(ctx))
+		if err != nil {
+			if !f.answered.Load() && ctx.Err() == nil {
+				f.publish(nil)
+			}
+			return 0, fmt.Errorf("watching %s: %w", k, err)
+		}
+		ins := make([]instance, 0, len(entries))
+		for _, e := range entries {
+			if e.Service == nil {
+				continue
+			}
+			svc := e.Service.AgentService
+			in, ok := instanceOf(&api.ServiceEntry{Node: e.Node, Service: &svc, Checks: e.Checks})
+			if !ok || e.Service.Connect == nil || e.Service.Connect.PeerMeta == nil {
+				continue
+			}
+			pm := e.Service.Connect.PeerMeta
+			if len(pm.SNI) == 0 || len(pm.SpiffeID) == 0 {
+				continue
+			}
+			in.peerSNI, in.peerIDs = pm.SNI[0], strings.Join(pm.SpiffeID, ",")
+			ins = append(ins, in)
+		}
+		f.publish(&ins)
+		return meta.LastIndex, nil
+	})
+}
+
 // watchHealth is a blocking watch of /v1/health/connect/<service> with the
 // key's datacenter and filter, every instance included (the targets apply
 // their own health rules), through the agent's cache.
 func (c *Catalog) watchHealth(ctx context.Context, k healthKey, f *feed) {
+	if k.peer != "" {
+		c.watchPeerHealth(ctx, k, f)
+		return
+	}
 	watch.Loop(ctx, c.log, k.String(), watch.Backoff{}, func(ctx context.Context, index uint64) (uint64, error) {
 		q := &api.QueryOptions{
 			Datacenter: k.datacenter, Namespace: queryNS(k.namespace), Partition: queryNS(k.partition),

@@ -1,6 +1,7 @@
 package upstream
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"math/rand/v2"
@@ -202,7 +203,13 @@ func (u *Upstream) runChain(ctx context.Context) {
 	plans := make(chan *plan, 1)
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	wg.Go(func() { u.watchChain(ctx, plans) })
+	if u.cfg.DestinationPeer != "" {
+		// Consul follows no discovery chain for a peer upstream: its
+		// one target is the imported service.
+		plans <- peerPlan(u.cfg)
+	} else {
+		wg.Go(func() { u.watchChain(ctx, plans) })
+	}
 
 	kick := make(chan struct{}, 1)
 	var cur *feeds
@@ -277,10 +284,13 @@ func (u *Upstream) gatewayDC(t Target) string {
 func (u *Upstream) acquireFeeds(cat *Catalog, p *plan, kick chan struct{}) *feeds {
 	f := &feeds{health: map[string]*feed{}, gateways: map[string]*feed{}}
 	for id, t := range p.targets {
-		if t.Peer != "" {
-			continue
-		}
 		k := healthKey{service: t.Service, namespace: t.Namespace, partition: t.Partition, datacenter: t.Datacenter, filter: t.Filter}
+		if t.Peer != "" {
+			k = healthKey{service: t.Service, namespace: t.Namespace, partition: t.Partition, peer: t.Peer, filter: t.Filter}
+			if u.peers != nil {
+				u.peers.PeerRoots(t.Peer) // start following the peer's roots now, not at the first dial
+			}
+		}
 		hf, rel := cat.healthFeed(k, kick)
 		f.health[id] = hf
 		f.releases = append(f.releases, rel)
@@ -399,9 +409,27 @@ func (u *Upstream) logPlan(p, last *plan) {
 		u.log.Warn("load balancer settings that L4 cannot apply are ignored", "ignored", p.lbIgnored)
 	}
 	for _, t := range p.targets {
-		if t.Peer != "" && (last == nil || last.targets[t.ID].Peer == "") {
-			u.log.Warn("cluster peer targets are not supported; the target gets no endpoints", "target", t.ID)
+		if t.Peer != "" && t.MeshGateway == config.MeshGatewayLocal && (last == nil || last.targets[t.ID].MeshGateway != t.MeshGateway) {
+			u.log.Warn("mesh gateway mode local is not supported for cluster peer targets; dialing the peer's mesh gateways (remote)", "target", t.ID)
 		}
+	}
+}
+
+// peerPlan is the plan of an upstream with a DestinationPeer: one target,
+// the service imported from the peer, with the upstream's connect timeout
+// (Consul's 5s by default).
+func peerPlan(c config.Upstream) *plan {
+	ns, ap := cmp.Or(c.DestinationNamespace, "default"), cmp.Or(c.DestinationPartition, "default")
+	timeout := cmp.Or(c.ConnectTimeout, DefaultChainConnectTimeout)
+	t := Target{
+		ID:      c.DestinationName + "." + ns + "." + ap + ".external." + c.DestinationPeer,
+		Service: c.DestinationName, Namespace: ns, Partition: ap, Peer: c.DestinationPeer,
+		MeshGateway: c.MeshGatewayMode, ConnectTimeout: timeout,
+	}
+	return &plan{
+		protocol: cmp.Or(c.Protocol, "tcp"),
+		legs:     []leg{{weight: 1, res: &resolverPlan{name: t.ID, connectTimeout: timeout, targets: []string{t.ID}, lb: defaultBalancer}}},
+		targets:  map[string]Target{t.ID: t},
 	}
 }
 
@@ -500,9 +528,6 @@ func (u *Upstream) logTarget(t Target, set *endpointSet) {
 // is non-empty when there is no answer to compute from yet; settled is
 // false while a first query is still out.
 func (u *Upstream) endpointsOf(t Target, f *feeds) (eps []Endpoint, why string, settled bool) {
-	if t.Peer != "" {
-		return nil, "cluster peer targets are not supported", true
-	}
 	hf := f.health[t.ID]
 	if hf == nil {
 		return nil, "no watch", true
@@ -515,6 +540,22 @@ func (u *Upstream) endpointsOf(t Target, f *feeds) (eps []Endpoint, why string, 
 		return nil, "waiting for the first answer", false
 	}
 	base := Endpoint{Service: t.Service, Namespace: t.Namespace, Partition: t.Partition, Datacenter: t.Datacenter, Target: t.ID, SNI: t.SNI}
+	if t.Peer != "" {
+		// An imported instance is the exporting cluster's mesh gateway,
+		// at its WAN address (Envoy's BestAddress(true) for peers).
+		eps = []Endpoint{}
+		for _, in := range ins {
+			healthy, w := in.health(t.OnlyPassing)
+			if !healthy || in.service != t.Service || in.peerSNI == "" {
+				continue
+			}
+			e := base
+			e.Addr, e.Node, e.Weight = in.wan, in.node, w
+			e.SNI, e.Peer, e.PeerIDs = in.peerSNI, t.Peer, in.peerIDs
+			eps = append(eps, e)
+		}
+		return eps, "", true
+	}
 	gwDC := u.gatewayDC(t)
 	remote := t.Datacenter != "" && t.Datacenter != u.localDC
 	anyHealthy := false

@@ -286,6 +286,23 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 	// SNI picks the instances (a subset), so streams for two subsets must
 	// not share a tunnel.
 	key := e.Addr + "|" + id.String() + "|" + sni
+	cfgFor := func(o tlsutil.ClientOptions) (*tls.Config, error) { return u.tls.ClientConfig(id, sni, o), nil }
+	if e.Peer != "" {
+		// A peer's service: its roots, the identities its PeerMeta lists.
+		var roots *tlsutil.PeerRoots
+		if u.peers != nil {
+			roots = u.peers.PeerRoots(e.Peer)
+		}
+		if roots == nil {
+			return nil, fmt.Errorf("%w: peer %s (not known yet, or no such peering)", tlsutil.ErrNoPeerRoots, e.Peer)
+		}
+		accept := strings.Split(e.PeerIDs, ",")
+		gen += "|" + roots.Fingerprint
+		key = e.Addr + "|peer " + e.Peer + "|" + e.PeerIDs + "|" + sni
+		cfgFor = func(o tlsutil.ClientOptions) (*tls.Config, error) {
+			return u.tls.PeerClientConfig(roots, accept, sni, o)
+		}
+	}
 	switch ep.st.peer.kind() {
 	case peerStrait:
 		opts.ResumeKey = e.Addr
@@ -297,7 +314,11 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 			break
 		}
 		c, err := u.pool.Open(ctx, key, gen, e.Service, func(ctx context.Context) (net.Conn, error) {
-			tc, err := u.handshake(ctx, e.Addr, u.tls.ClientConfig(id, sni, tlsutil.ClientOptions{Mux: true}))
+			cfg, err := cfgFor(tlsutil.ClientOptions{Mux: true})
+			if err != nil {
+				return nil, err
+			}
+			tc, err := u.handshake(ctx, e.Addr, cfg)
 			if err != nil {
 				return nil, err
 			}
@@ -320,13 +341,20 @@ func (u *Upstream) dialOne(ctx context.Context, ep *endpoint, td string, share i
 	if mux && !opts.NoALPN {
 		opts.Mux = true
 	}
-	c, err := u.handshake(ctx, e.Addr, u.tls.ClientConfig(id, sni, opts))
+	cfg, err := cfgFor(opts)
+	if err != nil {
+		return nil, err
+	}
+	c, err := u.handshake(ctx, e.Addr, cfg)
 	if err != nil && !opts.NoALPN && isALPNRefused(err) {
 		// A Go server advertising only h2 (Connect-native services by
 		// default) refuses a client that offers only our protocol id.
 		ep.st.peer.refusedALPN()
 		opts = tlsutil.ClientOptions{NoALPN: true}
-		c, err = u.handshake(ctx, e.Addr, u.tls.ClientConfig(id, sni, opts))
+		if cfg, err = cfgFor(opts); err != nil {
+			return nil, err
+		}
+		c, err = u.handshake(ctx, e.Addr, cfg)
 	}
 	if err != nil {
 		return nil, err

@@ -69,6 +69,28 @@ func (c *testTLS) ClientConfig(expected tlsutil.Identity, sni string, opts tlsut
 	return c.newClientConfig(expected, sni, opts)
 }
 
+// PeerClientConfig accepts a server chaining to p's roots whose URI SAN is
+// one of accept.
+func (c *testTLS) PeerClientConfig(p *tlsutil.PeerRoots, accept []string, sni string, opts tlsutil.ClientOptions) (*tls.Config, error) {
+	cfg := c.newClientConfig(tlsutil.Identity{}, sni, opts)
+	cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+		if len(cs.PeerCertificates) == 0 {
+			return errors.New("no server certificate")
+		}
+		leaf := cs.PeerCertificates[0]
+		if _, err := leaf.Verify(x509.VerifyOptions{Roots: p.Roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err != nil {
+			return err
+		}
+		for _, a := range accept {
+			if len(leaf.URIs) == 1 && leaf.URIs[0].String() == a {
+				return nil
+			}
+		}
+		return fmt.Errorf("server identity %v, want one of %v", leaf.URIs, accept)
+	}
+	return cfg, nil
+}
+
 func (c *testTLS) newClientConfig(expected tlsutil.Identity, sni string, opts tlsutil.ClientOptions) *tls.Config {
 	want := expected.String()
 	var protos []string

@@ -36,6 +36,10 @@ type TLS interface {
 	// only a server whose SPIFFE ID equals expected, with ServerName set to
 	// sni. It may be cached and shared, so it is never mutated here.
 	ClientConfig(expected tlsutil.Identity, sni string, opts tlsutil.ClientOptions) *tls.Config
+	// PeerClientConfig is ClientConfig for a service of a cluster peer:
+	// the server must chain to the peer's roots and present one of the
+	// SPIFFE IDs in accept.
+	PeerClientConfig(p *tlsutil.PeerRoots, accept []string, sni string, opts tlsutil.ClientOptions) (*tls.Config, error)
 	TrustDomain() string
 	// Generation names the leaf and roots ClientConfig uses now; it
 	// changes when either rotates. Tunnels are tagged with the generation
@@ -43,6 +47,13 @@ type TLS interface {
 	// connections are not carried by a handshake made with retired
 	// material (see tlsutil.Source.Generation).
 	Generation() string
+}
+
+// PeerTrust supplies the CA roots of cluster peers (implemented by
+// *peering.Trust).
+type PeerTrust interface {
+	// PeerRoots returns the named peer's roots, nil while unknown.
+	PeerRoots(peer string) *tlsutil.PeerRoots
 }
 
 // Endpoint is one instance of the destination, as discovered in Consul, or
@@ -74,6 +85,13 @@ type Endpoint struct {
 	// Weight is the instance's Weights.Passing (Weights.Warning while a
 	// check warns), 1 to 128; 0 means 1.
 	Weight int `json:"weight,omitempty"`
+	// Peer is the cluster peer the service is imported from; Addr is then
+	// the exporting cluster's mesh gateway (its WAN address), SNI the
+	// instance's PeerMeta.SNI, and the server must chain to the peer's
+	// roots and present one of PeerIDs (PeerMeta.SpiffeID, comma-joined:
+	// the service's identity and its gateway's).
+	Peer    string `json:"peer,omitempty"`
+	PeerIDs string `json:"peer_spiffe_ids,omitempty"`
 }
 
 // weight returns Weight with its default.
@@ -83,6 +101,9 @@ func (e Endpoint) String() string {
 	via := ""
 	if e.Gateway != "" {
 		via = " via " + e.Gateway + " gateway"
+	}
+	if e.Peer != "" {
+		via = " in peer " + e.Peer + " via its mesh gateway"
 	}
 	if e.Node == "" {
 		return e.Addr + " (" + e.Service + via + ")"
@@ -138,6 +159,10 @@ type Options struct {
 	// transparent proxy's routing table is rebuilt then. It must not
 	// block.
 	OnAddresses func()
+	// Peers supplies cluster peers' roots, for a DestinationPeer upstream
+	// and chain targets in a peer; nil means such endpoints cannot be
+	// dialed (their dials fail and say so).
+	Peers PeerTrust
 }
 
 // Upstream discovers and dials the endpoints of one configured upstream.
@@ -163,6 +188,7 @@ type Upstream struct {
 	set     atomic.Pointer[endpointSet]
 	snap    atomic.Pointer[chainSnap]
 	catalog *Catalog
+	peers   PeerTrust
 	localDC string // Options.LocalDatacenter, or the agent's
 	// onAddresses is Options.OnAddresses.
 	onAddresses func()
@@ -205,6 +231,7 @@ func New(u config.Upstream, opts Options) (*Upstream, error) {
 		localDC:     opts.LocalDatacenter,
 		catalog:     opts.Catalog,
 		onAddresses: opts.OnAddresses,
+		peers:       opts.Peers,
 		queryTTL:    opts.QueryTTL,
 		maxAttempts: opts.MaxAttempts,
 		netDialer:   opts.NetDialer,

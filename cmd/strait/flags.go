@@ -95,7 +95,7 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.StringVar(&o.service, "service", "", "Flags mode: `name` of the service this proxy represents (leaf certificate, intention target).")
 	fs.StringVar(&o.serviceAddr, "service-addr", "", "Flags mode: the local application's `host:port`; required with -listen.")
 	fs.StringVar(&o.listen, "listen", "", "Flags mode: `host:port` of the public mTLS listener; none means no inbound traffic.")
-	fs.Var(&o.upstreams, "upstream", "Flags mode, repeatable: `upstream` as <name>[.service|.query]:[<bind-host>:]<port>, or <name>:unix:/path.")
+	fs.Var(&o.upstreams, "upstream", "Flags mode, repeatable: `upstream` as <name>[@<peer>][.service|.query]:[<bind-host>:]<port>, or <name>:unix:/path (<peer>: a cluster peer the service is imported from).")
 	fs.BoolVar(&o.register, "register", false, "Flags mode: register the proxy with the agent as <service>-proxy (TTL check, deregistered on exit).")
 	fs.StringVar(&o.registerID, "register-id", "", "`Suffix` of the registered proxy's ID (<service>-proxy-<suffix>).")
 	fs.StringVar(&o.logLevel, "log-level", "INFO", "Log `level`: trace, debug, info, warn or error.")

@@ -8,6 +8,7 @@ import (
 	"github.com/straitproxy/strait/authz"
 	"github.com/straitproxy/strait/config"
 	"github.com/straitproxy/strait/dataplane"
+	"github.com/straitproxy/strait/peering"
 	"github.com/straitproxy/strait/proxy"
 	"github.com/straitproxy/strait/tlsutil"
 	"github.com/straitproxy/strait/tproxy"
@@ -51,13 +52,20 @@ func (w parts) build(c *config.Config) proxy.Parts {
 		Target: c.Service, Namespace: c.Namespace, Partition: c.Partition, Logger: w.log,
 		AgentConfig: w.agent.Config,
 	})
+	// Cluster peering: peers' roots for upstreams in peers, and, with a
+	// public listener, the roots of the peers the service is exported to.
+	popts := peering.Options{Client: w.agent.Client, Logger: w.log, Partition: c.Partition}
+	if c.Public != nil {
+		popts.Service, popts.Inbound = c.Service, src.SetInboundPeers
+	}
+	peers := peering.New(popts)
 	upstreamOptions := func() upstream.Options {
 		var dc string // the agent's datacenter, from our own leaf
 		if b := src.Bundle(); b != nil {
 			dc = b.Identity.Datacenter
 		}
 		return upstream.Options{
-			Client: w.agent.Client, TLS: src, LocalDatacenter: dc, Tunnels: w.tunnels,
+			Client: w.agent.Client, TLS: src, LocalDatacenter: dc, Tunnels: w.tunnels, Peers: peers,
 			Logger: w.log.Named("upstream"),
 		}
 	}
@@ -78,5 +86,5 @@ func (w parts) build(c *config.Config) proxy.Parts {
 			return ""
 		},
 	})
-	return proxy.Parts{Source: src, Authorizer: az, Upstream: newUpstream, MTLSMode: mode, Outbound: out}
+	return proxy.Parts{Source: src, Authorizer: az, Upstream: newUpstream, MTLSMode: mode, Outbound: out, Peering: peers}
 }
