@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,6 +17,10 @@ const DefaultFlushInterval = 5 * time.Second
 // loop and what has been reported of them. The flush and the close take
 // the difference under mu, so nothing is counted twice.
 type liveConn struct {
+	// peer is the connection dialed for it (the app, or the upstream
+	// endpoint): a drain that ends its grace closes it too, since after a
+	// half-close the only goroutine left may be reading it.
+	peer   net.Conn
 	ctr    Counters
 	mu     sync.Mutex
 	rx, tx int64

@@ -221,8 +221,11 @@ func (l *listener) Shutdown(ctx context.Context) {
 	l.cancel()
 	l.mu.Lock()
 	n := len(l.conns)
-	for c := range l.conns {
+	for c, lc := range l.conns {
 		c.Close()
+		if lc != nil && lc.peer != nil {
+			lc.peer.Close()
+		}
 	}
 	l.mu.Unlock()
 	if n > 0 {

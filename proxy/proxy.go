@@ -848,7 +848,7 @@ func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *listener,
 // adm, for an inbound connection, is registered for re-checks while the
 // connection lives.
 func (p *Proxy) proxy(raw, a, b net.Conn, l *listener, rec *accessRecord, release, releaseEndpoint func(), adm *admitted) {
-	lc := &liveConn{}
+	lc := &liveConn{peer: b}
 	l.attach(raw, lc)
 	l.opened(p.metrics)
 	if adm != nil {
