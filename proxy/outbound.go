@@ -190,17 +190,7 @@ func (p *Proxy) handleOutbound(ctx context.Context, conn net.Conn, ol *listener,
 	rec.endpoint = dst.String()
 	// Right after start the first routes may be on their way: a virtual
 	// IP must not be passed through for want of one.
-	select {
-	case <-p.router.Ready():
-	default:
-		t := time.NewTimer(config.DefaultConnectTimeout)
-		select {
-		case <-p.router.Ready():
-		case <-t.C:
-		case <-ctx.Done():
-		}
-		t.Stop()
-	}
+	awaitAnswer(ctx, p.router.Ready(), config.DefaultConnectTimeout)
 	if r, ok := p.router.Lookup(dst.Addr()); ok {
 		p.outboundMesh(ctx, conn, ol, rec, r, dst, release)
 		return
@@ -241,17 +231,7 @@ func (p *Proxy) outboundMesh(ctx context.Context, conn net.Conn, ol *listener, r
 	labels := []metrics.Label{{Name: "src", Value: p.service}, {Name: "dst", Value: r.Upstream}, {Name: "route", Value: route}}
 	// An upstream that appeared a moment ago may still be waiting for
 	// its first endpoint answer.
-	select {
-	case <-r.Dialer.Ready():
-	default:
-		t := time.NewTimer(config.DefaultConnectTimeout)
-		select {
-		case <-r.Dialer.Ready():
-		case <-t.C:
-		case <-ctx.Done():
-		}
-		t.Stop()
-	}
+	awaitAnswer(ctx, r.Dialer.Ready(), config.DefaultConnectTimeout)
 	tc, ep, releaseEndpoint, err := r.Dialer.DialConn(ctx, opts)
 	rec.attempts = int32(ep.Attempts)
 	if err != nil {

@@ -806,17 +806,7 @@ func (p *Proxy) handleUpstream(ctx context.Context, conn net.Conn, ul *listener,
 	}
 	// Right after start the first endpoint answer may still be on its way;
 	// wait for it within the connect timeout rather than fail.
-	select {
-	case <-ul.up.Ready():
-	default:
-		t := time.NewTimer(ul.upCfg.ConnectTimeoutOrDefault())
-		select {
-		case <-ul.up.Ready():
-		case <-t.C:
-		case <-ctx.Done():
-		}
-		t.Stop()
-	}
+	awaitAnswer(ctx, ul.up.Ready(), ul.upCfg.ConnectTimeoutOrDefault())
 	tc, ep, releaseEndpoint, err := ul.up.DialConn(ctx, upstream.DialOptions{Source: conn.RemoteAddr()})
 	rec.attempts = int32(ep.Attempts)
 	if n := rec.attempts; n > 1 {
@@ -909,4 +899,23 @@ func (p *Proxy) Shutdown(ctx context.Context) {
 	}
 	p.cancel()
 	p.bg.Wait()
+}
+
+// awaitAnswer waits until ready is closed, d has passed or ctx is done:
+// right after start (or after an upstream appears) the first answer from
+// Consul may still be on its way, and a connection waits for it within its
+// connect timeout rather than fail.
+func awaitAnswer(ctx context.Context, ready <-chan struct{}, d time.Duration) {
+	select {
+	case <-ready:
+		return
+	default:
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ready:
+	case <-t.C:
+	case <-ctx.Done():
+	}
 }
