@@ -418,7 +418,12 @@ func TestServerOpenedStreamClosesTunnel(t *testing.T) {
 		}
 		io.ReadFull(st, make([]byte, 6)) // header of "echo"
 		st.Write([]byte{StatusOK})
-		// A stream the other way, with data the client never asked for.
+		// Once the client has its stream (it writes a byte after Open
+		// returns: a violation before that would race its Open), a stream
+		// the other way, with data the client never asked for.
+		if _, err := io.ReadFull(st, make([]byte, 1)); err != nil {
+			return
+		}
 		evil, err := sess.OpenStream(context.Background())
 		if err != nil {
 			return
@@ -433,6 +438,9 @@ func TestServerOpenedStreamClosesTunnel(t *testing.T) {
 		return (&net.Dialer{}).DialContext(ctx, "tcp", addr)
 	})
 	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write([]byte{1}); err != nil {
 		t.Fatal(err)
 	}
 	select {
